@@ -1,0 +1,145 @@
+"""One error shape for the whole API.
+
+Every 4xx and 5xx body is ``{"error": {"code", "message", "field"?},
+"request_id"}``. DRF views reach it through ``exception_handler``; plain async
+views and websocket consumers call ``error_payload`` directly, so the shape is
+built in one place.
+"""
+
+import logging
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+
+from gateway_project.logging import request_id_var
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(exceptions.APIException):
+    """An error the API reports to the caller with a code and, if known, a field."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "invalid_request"
+    default_detail = "The request is invalid."
+    retry_after: float | None = None
+
+    def __init__(self, message=None, *, code=None, field=None, status_code=None):
+        super().__init__(message or self.default_detail, code or self.default_code)
+        self.code = code or self.default_code
+        self.field = field
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class InvalidField(ApiError):
+    default_code = "invalid_field"
+
+
+class NotFound(ApiError):
+    status_code = status.HTTP_404_NOT_FOUND
+    default_code = "not_found"
+    default_detail = "The resource was not found."
+
+
+def _first_validation_error(detail, path=""):
+    """Return ``(field_path, message)`` for the first message in a DRF error tree."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            if key == "non_field_errors":
+                return _first_validation_error(value, path)
+            child = f"{path}.{key}" if path else str(key)
+            return _first_validation_error(value, child)
+    if isinstance(detail, list) and detail:
+        if all(isinstance(item, (dict, list)) for item in detail):
+            for index, item in enumerate(detail):
+                if item:
+                    return _first_validation_error(item, f"{path}[{index}]")
+        return _first_validation_error(detail[0], path)
+    return (path or None), str(detail)
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict:
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error, "request_id": request_id_var.get()}
+
+
+def error_payload(exc: Exception) -> tuple[int, dict, dict]:
+    """Translate an exception into ``(status, body, headers)``.
+
+    Unknown exceptions become a 500 that is logged with the traceback; their
+    text is never sent to the caller.
+    """
+    headers = {}
+    if isinstance(exc, Http404):
+        exc = NotFound(str(exc) or None)
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+
+    if isinstance(exc, ApiError):
+        body = error_body(exc.code, str(exc.detail), exc.field)
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return exc.status_code, body, headers
+
+    if isinstance(exc, exceptions.ValidationError):
+        field, message = _first_validation_error(exc.detail)
+        if field and not message.startswith(field):
+            message = f"{field}: {message}"
+        return 400, error_body("invalid_field", message, field), headers
+
+    if isinstance(exc, exceptions.APIException):
+        code = {
+            exceptions.ParseError: "invalid_json",
+            exceptions.UnsupportedMediaType: "unsupported_media_type",
+            exceptions.MethodNotAllowed: "method_not_allowed",
+            exceptions.NotAuthenticated: "unauthenticated",
+            exceptions.AuthenticationFailed: "unauthenticated",
+            exceptions.PermissionDenied: "forbidden",
+            exceptions.NotFound: "not_found",
+            exceptions.Throttled: "rate_limited",
+        }.get(type(exc), exc.default_code)
+        message = str(exc.detail)
+        if isinstance(exc, exceptions.UnsupportedMediaType):
+            message = f"{message} Send the body as application/json."
+        wait = getattr(exc, "wait", None)
+        if wait:
+            headers["Retry-After"] = str(max(1, round(wait)))
+        return exc.status_code, error_body(code, message), headers
+
+    logger.error("Unhandled error while serving the request", exc_info=exc)
+    return (
+        500,
+        error_body("internal_error", "The gateway failed unexpectedly."),
+        headers,
+    )
+
+
+def exception_handler(exc, context):
+    """DRF exception handler: every error leaves in the gateway's error shape."""
+    status_code, body, headers = error_payload(exc)
+    return Response(body, status=status_code, headers=headers)
+
+
+def json_error_response(exc: Exception) -> JsonResponse:
+    status_code, body, headers = error_payload(exc)
+    response = JsonResponse(body, status=status_code)
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+def handler404(request, exception=None):
+    return JsonResponse(
+        error_body("not_found", f"No endpoint at {request.path}."), status=404
+    )
+
+
+def handler500(request):
+    return JsonResponse(
+        error_body("internal_error", "The gateway failed unexpectedly."), status=500
+    )

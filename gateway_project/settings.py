@@ -1,0 +1,279 @@
+"""Django settings for the LLM gateway.
+
+Every deployment-specific value comes from an environment variable read through
+``gateway_project.env``; the defaults run the gateway on one machine with SQLite,
+the local model and no Redis.
+"""
+
+import secrets
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from gateway_project.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+
+
+def _secret_key() -> str:
+    key = env_str("DJANGO_SECRET_KEY")
+    if key:
+        return key
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is required when DJANGO_DEBUG is false: set it to a "
+            "long random string."
+        )
+    # A local key survives restarts, so admin sessions stay valid between runs.
+    key_file = BASE_DIR / ".secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "prompts_registry",
+    "llm",
+]
+
+MIDDLEWARE = [
+    "gateway_project.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "gateway_project.urls"
+WSGI_APPLICATION = "gateway_project.wsgi.application"
+ASGI_APPLICATION = "gateway_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database() -> dict:
+    url = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+    try:
+        config = dj_database_url.parse(url, conn_max_age=60)
+    except (ValueError, KeyError) as error:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL is not a valid database URL ({error}): use for example "
+            "postgres://user:password@host:5432/name or sqlite:////path/db.sqlite3."
+        ) from None
+    return config
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {
+        "NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"
+    },
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+
+# Redis is optional: without it the response cache has one tier and the
+# channel layer lives in process memory.
+def _redis_url() -> str | None:
+    url = env_str("REDIS_URL")
+    if url is None:
+        return None
+    if urlparse(url).scheme not in {"redis", "rediss", "unix"}:
+        raise ImproperlyConfigured(
+            f"REDIS_URL={url!r} is not a Redis URL: use redis://host:6379/0."
+        )
+    return url
+
+
+REDIS_URL = _redis_url()
+# Short timeouts make a dead or slow Redis a cache miss instead of a stall.
+REDIS_TIMEOUT_SECONDS = env_float("REDIS_TIMEOUT_SECONDS", 0.25, minimum=0.01)
+
+CACHE_TTL_SECONDS = env_int("CACHE_TTL_SECONDS", 86400, minimum=1)
+# L1 must never outlive L2, or a process could serve an answer Redis has expired.
+CACHE_L1_TTL_SECONDS = min(
+    env_int("CACHE_L1_TTL_SECONDS", 300, minimum=1), CACHE_TTL_SECONDS
+)
+CACHE_L1_MAX_ENTRIES = env_int("CACHE_L1_MAX_ENTRIES", 1000, minimum=1)
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "default",
+    },
+    "l1": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "llm-l1",
+        "TIMEOUT": CACHE_L1_TTL_SECONDS,
+        "OPTIONS": {"MAX_ENTRIES": CACHE_L1_MAX_ENTRIES},
+    },
+}
+if REDIS_URL:
+    CACHES["l2"] = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "TIMEOUT": CACHE_TTL_SECONDS,
+        "KEY_PREFIX": "llmgw:l2",
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.DefaultClient",
+            "SOCKET_CONNECT_TIMEOUT": REDIS_TIMEOUT_SECONDS,
+            "SOCKET_TIMEOUT": REDIS_TIMEOUT_SECONDS,
+            # Values are stored as JSON text, never as pickles.
+            "SERIALIZER": "django_redis.serializers.json.JSONSerializer",
+        },
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+PROMPTS_DIR = Path(env_str("PROMPTS_DIR", str(BASE_DIR / "fixtures" / "prompts")))
+
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "gateway_project.errors.exception_handler",
+}
+
+# Language models. A model name maps to the provider that serves it; the
+# optional number after a colon is the largest max_tokens a request may ask for.
+GEMINI_API_KEY = env_str("GEMINI_API_KEY")
+GEMINI_BASE_URL = env_str("GEMINI_BASE_URL")
+GEMINI_TIMEOUT_SECONDS = env_float("GEMINI_TIMEOUT_SECONDS", 60.0, minimum=0.1)
+# Retries of 429, 5xx and network errors stop once this much time has passed.
+UPSTREAM_RETRY_MAX_SECONDS = env_float("UPSTREAM_RETRY_MAX_SECONDS", 8.0, minimum=0)
+
+LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+LOCAL_MODEL_PATH = env_str("LOCAL_MODEL_PATH")
+LOCAL_MODEL_QUEUE_SIZE = env_int("LOCAL_MODEL_QUEUE_SIZE", 8, minimum=1)
+LOCAL_MODEL_CONTEXT_TOKENS = env_int("LOCAL_MODEL_CONTEXT_TOKENS", 2048, minimum=256)
+
+
+def _served_models() -> dict[str, dict]:
+    default_spec = f"{LOCAL_MODEL_NAME}=local:1024"
+    if GEMINI_API_KEY:
+        default_spec = f"gemini-3.5-flash=gemini:8192,{default_spec}"
+    models = {}
+    for item in env_list("LLM_MODELS", default_spec.split(",")):
+        name, _, rest = item.partition("=")
+        provider, _, limit = rest.partition(":")
+        if not name or provider not in {"gemini", "local"}:
+            raise ImproperlyConfigured(
+                f"LLM_MODELS entry {item!r} is invalid: write name=provider or "
+                "name=provider:max_tokens, with provider gemini or local."
+            )
+        try:
+            max_tokens = int(limit) if limit else 8192
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"LLM_MODELS entry {item!r} has a max_tokens that is not a number."
+            ) from None
+        models[name.strip()] = {"provider": provider, "max_tokens": max_tokens}
+    return models
+
+
+LLM_MODELS = _served_models()
+DEFAULT_MODEL = env_str(
+    "DEFAULT_MODEL", "gemini-3.5-flash" if GEMINI_API_KEY else LOCAL_MODEL_NAME
+)
+if DEFAULT_MODEL not in LLM_MODELS:
+    raise ImproperlyConfigured(
+        f"DEFAULT_MODEL={DEFAULT_MODEL!r} is not served: choose one of "
+        f"{', '.join(sorted(LLM_MODELS))} or add it to LLM_MODELS."
+    )
+
+CHAT_MAX_PROMPT_CHARS = env_int("CHAT_MAX_PROMPT_CHARS", 32000, minimum=1)
+CHAT_MAX_SYSTEM_CHARS = env_int("CHAT_MAX_SYSTEM_CHARS", 8000, minimum=1)
+
+LOG_FORMAT = env_choice("LOG_FORMAT", "text", ("text", "json"))
+LOG_LEVEL = env_choice(
+    "LOG_LEVEL", "INFO", ("debug", "info", "warning", "error", "critical")
+).upper()
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request_id": {"()": "gateway_project.logging.RequestIdFilter"}},
+    "formatters": {
+        "text": {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+        },
+        "json": {"()": "gateway_project.logging.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["request_id"],
+            "formatter": LOG_FORMAT,
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # Django logs every 4xx and 5xx again; our own handler already did.
+        "django.request": {
+            "handlers": ["console"],
+            "level": "ERROR",
+            "propagate": False,
+        },
+    },
+}

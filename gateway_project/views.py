@@ -1,0 +1,65 @@
+import logging
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from rest_framework.decorators import api_view
+from rest_framework.response import Response
+
+from gateway_project.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+
+@api_view(["GET"])
+def health(request):
+    """Report that the process is up; it checks no dependency."""
+    return Response({"status": "ok"})
+
+
+def _check_database() -> str | None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except DatabaseError as error:
+        return f"database: {error}"
+    return None
+
+
+def _check_redis() -> str | None:
+    if not settings.REDIS_URL:
+        return None
+    from django_redis import get_redis_connection
+    from redis.exceptions import RedisError
+
+    try:
+        get_redis_connection("l2").ping()
+    except (RedisError, OSError) as error:
+        return f"redis: {error}"
+    return None
+
+
+@api_view(["GET"])
+def ready(request):
+    """Report whether the database and, when configured, Redis answer."""
+    checks = {"database": _check_database(), "redis": _check_redis()}
+    failures = {name: problem for name, problem in checks.items() if problem}
+    if failures:
+        logger.warning("Readiness check failed: %s", "; ".join(failures.values()))
+        body = error_body(
+            "not_ready",
+            f"Dependency check failed: {', '.join(sorted(failures))}.",
+            field=None,
+        )
+        body["checks"] = {
+            name: ("failed" if name in failures else "ok") for name in checks
+        }
+        return Response(body, status=503)
+    return Response(
+        {
+            "status": "ready",
+            "checks": {
+                "database": "ok",
+                "redis": "ok" if settings.REDIS_URL else "not configured",
+            },
+        }
+    )
