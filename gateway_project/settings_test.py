@@ -12,6 +12,13 @@ os.environ.update(
         "DJANGO_SECRET_KEY": "test-only-secret-key-not-for-deployment",
         "REDIS_URL": REDIS_SERVER.url,
         "LOG_LEVEL": "info",
+        # A test that forgets the fake Gemini server gets a refused connection
+        # on the discard port instead of reaching the real vendor.
+        "GEMINI_API_KEY": "test-gemini-key",
+        "GEMINI_BASE_URL": "http://127.0.0.1:9",
+        "UPSTREAM_RETRY_MAX_SECONDS": "0.5",
+        "LLM_MODELS": "gemini-3.5-flash=gemini:8192,smollm2-135m-instruct=local:512",
+        "DEFAULT_MODEL": "gemini-3.5-flash",
     }
 )
 
