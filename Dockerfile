@@ -10,8 +10,6 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY . .
-RUN DJANGO_DEBUG=true python manage.py collectstatic --noinput
-
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8000
 CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py sync_prompts && daphne -b 0.0.0.0 -p 8000 gateway_project.asgi:application"]

@@ -9,13 +9,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-if settings.DEBUG:
-    # daphne serves no static files itself; in debug this keeps the admin styled.
-    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-
-    django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
+# daphne serves no static files itself. The admin's few assets are served from
+# the apps' static folders here; a busy deployment would put them behind a CDN.
+django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
