@@ -11,6 +11,18 @@ def redis_server():
         server.start()
 
 
+@pytest.fixture
+def fake_gemini(settings):
+    """A fake Gemini server on 127.0.0.1 that GEMINI_BASE_URL points at."""
+    from tests.fake_gemini import FakeGemini
+
+    server = FakeGemini()
+    server.start()
+    settings.GEMINI_BASE_URL = server.base_url
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _empty_caches():
     from django.core.cache import caches
