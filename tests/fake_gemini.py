@@ -74,6 +74,8 @@ class Reply:
     message: str | None = None
     # Streams only: close the socket after this many events, without the end.
     drop_after_chunks: int | None = None
+    # error.details of an error reply, such as an ErrorInfo with its "reason".
+    error_details: list[dict] | None = None
 
     @property
     def text(self) -> str:
@@ -91,14 +93,17 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def error_body(status: int, message: str | None = None) -> dict:
-    return {
-        "error": {
-            "code": status,
-            "message": message or ERROR_MESSAGES.get(status, "Request failed."),
-            "status": ERROR_STATUSES.get(status, "UNKNOWN"),
-        }
+def error_body(
+    status: int, message: str | None = None, details: list[dict] | None = None
+) -> dict:
+    error = {
+        "code": status,
+        "message": message or ERROR_MESSAGES.get(status, "Request failed."),
+        "status": ERROR_STATUSES.get(status, "UNKNOWN"),
     }
+    if details:
+        error["details"] = details
+    return {"error": error}
 
 
 def _usage(reply: Reply, candidates_tokens: int) -> dict:
@@ -116,7 +121,7 @@ def _candidate(text: str, finish_reason: str | None) -> dict:
         candidate["content"] = {"role": "model", "parts": [{"text": text}]}
     elif finish_reason in (None, "STOP", "MAX_TOKENS"):
         # Gemini sends an empty content when, for example, the token limit was
-        # reached before any text. A blocked answer has no content at all.
+        # reached before any text. A blocked response has no content at all.
         candidate["content"] = {"role": "model"}
     if finish_reason:
         candidate["finishReason"] = finish_reason
@@ -329,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif reply.status != 200:
             self._send_json(
                 reply.status,
-                error_body(reply.status, reply.message),
+                error_body(reply.status, reply.message, reply.error_details),
                 retry_after=reply.retry_after,
             )
         elif stream:
