@@ -147,6 +147,13 @@ CACHE_L1_TTL_SECONDS = min(
     env_int("CACHE_L1_TTL_SECONDS", 300, minimum=1), CACHE_TTL_SECONDS
 )
 CACHE_L1_MAX_ENTRIES = env_int("CACHE_L1_MAX_ENTRIES", 1000, minimum=1)
+# After a Redis failure the cache skips L2 for this long, so requests do not
+# each wait for the connect timeout while Redis is down.
+CACHE_L2_RETRY_SECONDS = env_float("CACHE_L2_RETRY_SECONDS", 2.0, minimum=0)
+# Repeated Redis failures are logged once per interval, with their count.
+CACHE_L2_WARNING_INTERVAL_SECONDS = env_float(
+    "CACHE_L2_WARNING_INTERVAL_SECONDS", 30.0, minimum=0
+)
 
 CACHES = {
     "default": {
