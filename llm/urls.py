@@ -1,1 +1,15 @@
-urlpatterns = []
+from django.urls import path
+
+from llm import views
+
+urlpatterns = [
+    path("chat", views.chat, name="chat"),
+    path("chat/stream", views.chat_stream_view, name="chat-stream"),
+    path("prompts/<str:name>/chat", views.prompt_chat, name="prompt-chat"),
+    path(
+        "prompts/<str:name>/chat/stream",
+        views.prompt_chat_stream,
+        name="prompt-chat-stream",
+    ),
+    path("metrics", views.metrics, name="metrics"),
+]
