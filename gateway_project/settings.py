@@ -201,6 +201,47 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "gateway_project.errors.exception_handler",
 }
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def gateway_auth_mode(*, debug: bool, allowed_hosts: list[str]) -> str:
+    """Read GATEWAY_AUTH and raise ImproperlyConfigured if "off" is unsafe.
+
+    Settings cannot see the address the server binds, so "off" is accepted only
+    together with DJANGO_DEBUG=true and ALLOWED_HOSTS naming loopback hosts alone.
+    This stops a deployment from running without keys by mistake, but it is no
+    network boundary: a client that reaches the port can still send
+    ``Host: localhost``, so the server must also bind a loopback address.
+    """
+    mode = env_choice("GATEWAY_AUTH", "required", ("required", "off"))
+    if mode == "required":
+        return mode
+    problems = []
+    if not debug:
+        problems.append("DJANGO_DEBUG is false")
+    if not allowed_hosts or not set(allowed_hosts) <= LOOPBACK_HOSTS:
+        problems.append(f"ALLOWED_HOSTS is {','.join(allowed_hosts) or 'empty'}")
+    if problems:
+        raise ImproperlyConfigured(
+            f"GATEWAY_AUTH=off is rejected because {' and '.join(problems)}. "
+            "Without keys anyone who reaches the gateway can use it, so off requires "
+            "DJANGO_DEBUG=true and ALLOWED_HOSTS limited to "
+            f"{', '.join(sorted(LOOPBACK_HOSTS))}. Otherwise set "
+            "GATEWAY_AUTH=required and create a key with `manage.py create_api_key`."
+        )
+    return mode
+
+
+# Gateway API keys and their limits.
+GATEWAY_AUTH = gateway_auth_mode(debug=DEBUG, allowed_hosts=ALLOWED_HOSTS)
+# "per_key" keeps each API key's cached responses apart from every other key's.
+CACHE_SCOPE = env_choice("CACHE_SCOPE", "shared", ("shared", "per_key"))
+RATE_LIMIT_WINDOW_SECONDS = env_int("RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1)
+BREAKER_FAILURE_THRESHOLD = env_int("BREAKER_FAILURE_THRESHOLD", 5, minimum=1)
+BREAKER_COOLDOWN_SECONDS = env_float("BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0.1)
+MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+
 # Language models. A model name maps to the provider that serves it; the
 # optional number after a colon is the largest max_tokens a request may ask for.
 GEMINI_API_KEY = env_str("GEMINI_API_KEY")
