@@ -1,4 +1,9 @@
+import logging
+
 from django.apps import AppConfig
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
 
 
 class LlmConfig(AppConfig):
@@ -13,3 +18,10 @@ class LlmConfig(AppConfig):
         prompt_activated.connect(
             broadcast_prompt_activated, dispatch_uid="llm.broadcast_prompt_activated"
         )
+
+        if settings.GATEWAY_AUTH == "off":
+            logger.warning(
+                "GATEWAY_AUTH=off: requests without an API key are served without "
+                "limits. Keep the server bound to 127.0.0.1, and never deploy "
+                "this way."
+            )
