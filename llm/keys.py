@@ -154,13 +154,37 @@ def api_key_authenticate(raw: str | None) -> ApiKey:
     if key is None:
         raise ApiKeyInvalid()
     if key.revoked:
-        raise ApiKeyRevoked(
-            f"The API key {key.prefix}… was revoked: ask an administrator for a "
-            "new one."
-        )
+        raise _revoked_error(key)
 
     _record_use(key)
     return key
+
+
+def api_key_recheck(key: ApiKey | None) -> ApiKey | None:
+    """Reload a key that authenticated a long-lived connection.
+
+    Call it once per chat frame of a websocket, so that a revoked or deleted
+    key stops working on the next frame and changed limits apply at once.
+    Raises ApiKeyInvalid or ApiKeyRevoked (401).
+    """
+    if key is None:
+        return None
+    fresh = ApiKey.objects.filter(pk=key.pk).first()
+    if fresh is None:
+        raise ApiKeyInvalid(
+            "The API key was deleted: ask an administrator for a new one."
+        )
+    if fresh.revoked:
+        raise _revoked_error(fresh)
+
+    _record_use(fresh)
+    return fresh
+
+
+def _revoked_error(key: ApiKey) -> ApiKeyRevoked:
+    return ApiKeyRevoked(
+        f"The API key {key.prefix}… was revoked: ask an administrator for a new one."
+    )
 
 
 def _record_use(key: ApiKey) -> None:
@@ -239,6 +263,7 @@ def api_key_from_scope(scope: dict) -> ApiKey | None:
 api_key_authenticate_async = database_sync_to_async(api_key_authenticate)
 api_key_from_header_async = database_sync_to_async(api_key_from_header)
 api_key_from_scope_async = database_sync_to_async(api_key_from_scope)
+api_key_recheck_async = database_sync_to_async(api_key_recheck)
 
 
 def api_key_check_model(key: ApiKey | None, model: str) -> None:

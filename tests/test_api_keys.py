@@ -26,6 +26,7 @@ from llm.keys import (
     api_key_create,
     api_key_from_header,
     api_key_from_scope_async,
+    api_key_recheck,
     api_key_revoke,
     bearer_token,
     cache_scope_for,
@@ -210,6 +211,33 @@ def test_last_used_written_at_most_once_a_minute(django_assert_num_queries):
     with django_assert_num_queries(2):
         api_key_authenticate(raw_key)
     assert ApiKey.objects.get(pk=key.pk).last_used_at > two_minutes_ago
+
+
+@pytest.mark.django_db
+def test_recheck_picks_up_changes():
+    key, _ = api_key_create(name="socket", requests_per_minute=10)
+    ApiKey.objects.filter(pk=key.pk).update(requests_per_minute=5)
+
+    fresh = api_key_recheck(key)
+
+    assert fresh.requests_per_minute == 5
+    assert api_key_recheck(None) is None
+
+
+@pytest.mark.django_db
+def test_recheck_rejects_revoked_and_deleted_keys():
+    revoked, _ = api_key_create(name="revoked")
+    deleted, _ = api_key_create(name="deleted")
+    api_key_revoke(ApiKey.objects.get(pk=revoked.pk))
+    ApiKey.objects.filter(pk=deleted.pk).delete()
+
+    with pytest.raises(ApiKeyRevoked):
+        api_key_recheck(revoked)
+    with pytest.raises(ApiKeyInvalid) as caught:
+        api_key_recheck(deleted)
+    assert str(caught.value.detail) == (
+        "The API key was deleted: ask an administrator for a new one."
+    )
 
 
 # Allowed models and prompts
