@@ -38,9 +38,17 @@ def write_version(root: Path, name: str, version: int, text: str | None = None):
     return path
 
 
-def sync(root: Path, *args: str) -> str:
+def sync(root: Path, *args: str, stderr: io.StringIO | None = None) -> str:
+    """Run sync_prompts on ``root`` and return its standard output."""
     output = io.StringIO()
-    call_command("sync_prompts", "--path", str(root), *args, stdout=output)
+    call_command(
+        "sync_prompts",
+        "--path",
+        str(root),
+        *args,
+        stdout=output,
+        stderr=stderr or io.StringIO(),
+    )
     return output.getvalue()
 
 
@@ -167,13 +175,7 @@ def test_sync_rejects_changed_version(prompts_root):
     errors = io.StringIO()
 
     with pytest.raises(CommandError) as raised:
-        call_command(
-            "sync_prompts",
-            "--path",
-            str(prompts_root),
-            stdout=io.StringIO(),
-            stderr=errors,
-        )
+        sync(prompts_root, stderr=errors)
 
     assert row_counts() == before
     assert not PromptVersion.objects.filter(prompt__name="farewell", version=2)
@@ -207,13 +209,7 @@ def test_sync_rejects_malformed_file_atomically(prompts_root):
     errors = io.StringIO()
 
     with pytest.raises(CommandError):
-        call_command(
-            "sync_prompts",
-            "--path",
-            str(prompts_root),
-            stdout=io.StringIO(),
-            stderr=errors,
-        )
+        sync(prompts_root, stderr=errors)
 
     assert row_counts() == before
     assert not Prompt.objects.filter(name="newcomer").exists()
@@ -227,13 +223,7 @@ def test_sync_of_empty_database_is_all_or_nothing(prompts_root):
     write_version(prompts_root, "broken", 1, "name: broken\nversion: 1\n")
 
     with pytest.raises(CommandError):
-        call_command(
-            "sync_prompts",
-            "--path",
-            str(prompts_root),
-            stdout=io.StringIO(),
-            stderr=io.StringIO(),
-        )
+        sync(prompts_root)
 
     assert row_counts() == (0, 0, 0)
 
@@ -291,14 +281,7 @@ def test_dry_run_fails_on_invalid_file(prompts_root):
     write_version(prompts_root, "broken", 1, "name: broken\n")
 
     with pytest.raises(CommandError):
-        call_command(
-            "sync_prompts",
-            "--path",
-            str(prompts_root),
-            "--dry-run",
-            stdout=io.StringIO(),
-            stderr=io.StringIO(),
-        )
+        sync(prompts_root, "--dry-run")
 
     assert row_counts() == (0, 0, 0)
 
@@ -332,14 +315,7 @@ def test_check_fails_on_changed_file(prompts_root):
     path.write_text(path.read_text().replace("Say", "Whisper"))
 
     with pytest.raises(CommandError):
-        call_command(
-            "sync_prompts",
-            "--path",
-            str(prompts_root),
-            "--check",
-            stdout=io.StringIO(),
-            stderr=io.StringIO(),
-        )
+        sync(prompts_root, "--check")
 
 
 def test_check_exits_with_status_1(prompts_root, capsys):
