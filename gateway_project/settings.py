@@ -328,5 +328,9 @@ LOGGING = {
             "level": "ERROR",
             "propagate": False,
         },
+        # The HTTP clients of google-genai log every request at INFO; the
+        # Gemini adapter logs retries and failures itself.
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
     },
 }
