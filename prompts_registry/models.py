@@ -52,7 +52,7 @@ class PromptVersion(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["prompt", "-version"]
+        ordering = ["prompt_id", "-version"]
         constraints = [
             models.UniqueConstraint(
                 fields=["prompt", "version"], name="unique_prompt_version"

@@ -44,7 +44,7 @@ class Migration(migrations.Migration):
                 ('prompt', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='prompts_registry.prompt')),
             ],
             options={
-                'ordering': ['prompt', '-version'],
+                'ordering': ['prompt_id', '-version'],
             },
         ),
         migrations.CreateModel(
