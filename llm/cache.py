@@ -256,9 +256,9 @@ class _RedisTier:
 
     def __init__(self) -> None:
         self.reset()
-        self._disabled_logged = False
 
     def reset(self) -> None:
+        self._disabled_logged = False
         self._retry_at = 0.0
         self._warned_at: float | None = None
         self._failures_since_warning = 0
@@ -302,5 +302,5 @@ _redis_tier = _RedisTier()
 
 
 def redis_tier_reset() -> None:
-    """Forget past Redis failures, so the next call tries Redis at once."""
+    """Forget past Redis failures and log messages, so Redis is tried at once."""
     _redis_tier.reset()

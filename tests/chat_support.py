@@ -21,6 +21,16 @@ async def post_json(path: str, body: dict | str, **headers):
     )
 
 
+def expected_error(
+    field: str | None, message: str, *, code: str, request_id: str
+) -> dict:
+    """Build the gateway's error body, as a test expects it in full."""
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error, "request_id": request_id}
+
+
 @dataclass
 class Event:
     name: str  # "message" for events without an "event:" line
