@@ -79,7 +79,13 @@ class AsgiRequest:
     and then disconnect the way a server reports a closed socket.
     """
 
-    def __init__(self, path: str, body: dict, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str,
+        body: dict,
+        headers: dict[str, str] | None = None,
+        app=application,
+    ):
         raw_headers = [(b"content-type", b"application/json")]
         for name, value in (headers or {}).items():
             raw_headers.append((name.lower().encode(), value.encode()))
@@ -97,7 +103,7 @@ class AsgiRequest:
             "client": ("127.0.0.1", 50000),
             "server": ("127.0.0.1", 80),
         }
-        self.communicator = ApplicationCommunicator(application, scope)
+        self.communicator = ApplicationCommunicator(app, scope)
         self.body = json.dumps(body).encode()
 
     async def start(self) -> dict:

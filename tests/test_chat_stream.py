@@ -1,7 +1,9 @@
 import asyncio
+import gzip
 import logging
 
 import pytest
+from django.core.handlers.asgi import ASGIHandler
 
 from llm.providers.base import GenerationRequest
 from llm.services import StreamDone, StreamStart, chat_stream
@@ -216,6 +218,30 @@ async def test_disconnect_closes_upstream(fake_gemini):
     assert again["X-Cache"] == "miss"
     await read_events(again)
     assert fake_gemini.call_count == 2
+
+
+async def test_gzip_middleware_passes_each_event(fake_gemini, settings):
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE,
+        "django.middleware.gzip.GZipMiddleware",
+    ]
+    fake_gemini.default_reply = Reply(
+        chunks=["one ", "two ", "three "], chunk_delay=0.3
+    )
+    request = AsgiRequest(
+        "/chat/stream",
+        BODY,
+        headers={"Accept-Encoding": "gzip"},
+        app=ASGIHandler(),
+    )
+
+    start = await request.start()
+    first = await request.receive_body()
+    await request.disconnect()
+
+    assert (b"Content-Encoding", b"gzip") in start["headers"]
+    # The first event arrives on its own while the vendor is still sending.
+    assert parse_events(gzip.decompress(first)) == [Event("message", {"text": "one "})]
 
 
 async def test_disconnect_before_first_chunk(fake_gemini):
