@@ -56,14 +56,18 @@ class CachedAnswer:
     usage: Usage
 
 
-def cache_key(request: GenerationRequest, provider: str) -> str:
-    """Return the cache key of everything that changes a model's answer.
+def cache_key(
+    request: GenerationRequest, provider: str, scope: str | None = None
+) -> str:
+    """Return the cache key of everything that changes a model's response.
 
     Float parameters are normalised, so 0, 0.0 and 0.00 share a key, while
-    None (the provider's default) stays distinct from 0.
+    None (the provider's default) stays distinct from 0. A ``scope`` (an API
+    key's id, say) keeps its entries apart from every other scope's.
     """
     material = {
         "version": CACHE_KEY_VERSION,
+        "scope": scope,
         "provider": provider,
         "model": request.model,
         "system": request.system,

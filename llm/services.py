@@ -69,14 +69,19 @@ class StreamDone:
 
 
 async def chat_complete(
-    request: GenerationRequest, *, use_cache: bool = True
+    request: GenerationRequest,
+    *,
+    use_cache: bool = True,
+    cache_scope: str | None = None,
 ) -> ChatResult:
-    """Return the model's answer to ``request``, from the cache when possible.
+    """Return the model's response to ``request``, from the cache when possible.
 
-    Raises llm.errors.LLMError subclasses when the provider fails.
+    ``cache_scope`` keeps the cache entries of one scope (an API key, say)
+    apart from the others. Raises llm.errors.LLMError subclasses when the
+    provider fails.
     """
     started = time.perf_counter()
-    key = cache_key(request, provider_name(request.model)) if use_cache else None
+    key = _cache_key_or_none(request, use_cache, cache_scope)
     if key is not None:
         answer, tier = await cache_get(key)
         if answer is not None:
@@ -103,16 +108,20 @@ async def chat_complete(
 
 
 async def chat_stream(
-    request: GenerationRequest, *, use_cache: bool = True
+    request: GenerationRequest,
+    *,
+    use_cache: bool = True,
+    cache_scope: str | None = None,
 ) -> AsyncIterator[StreamStart | str | StreamDone]:
     """Yield StreamStart, the answer's text chunks, then StreamDone.
 
     A cached answer is replayed as a few chunks. Closing this generator early
     (``aclose`` or task cancellation) closes the provider's stream, which stops
-    the vendor call, and caches nothing. Raises llm.errors.LLMError subclasses.
+    the vendor call, and caches nothing. ``cache_scope`` works as in
+    ``chat_complete``. Raises llm.errors.LLMError subclasses.
     """
     started = time.perf_counter()
-    key = cache_key(request, provider_name(request.model)) if use_cache else None
+    key = _cache_key_or_none(request, use_cache, cache_scope)
     if key is not None:
         answer, tier = await cache_get(key)
         if answer is not None:
@@ -174,6 +183,14 @@ async def chat_stream(
         cache_status=cache_status,
         latency=time.perf_counter() - started,
     )
+
+
+def _cache_key_or_none(
+    request: GenerationRequest, use_cache: bool, cache_scope: str | None
+) -> str | None:
+    if not use_cache:
+        return None
+    return cache_key(request, provider_name(request.model), cache_scope)
 
 
 async def _provider_complete(request: GenerationRequest) -> Completion:

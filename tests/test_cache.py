@@ -8,6 +8,7 @@ from django.core.cache import caches
 
 from llm.cache import CACHE_KEY_VERSION, cache_key, redis_tier_reset
 from llm.providers.base import GenerationRequest
+from llm.services import chat_complete
 from tests.chat_support import post_json, request_id_filter
 from tests.fake_gemini import Reply
 
@@ -66,6 +67,27 @@ def test_cache_key_depends_on_provider():
     request = GenerationRequest(model="m", prompt="p")
 
     assert cache_key(request, "gemini") != cache_key(request, "local")
+
+
+def test_cache_key_depends_on_scope():
+    request = GenerationRequest(model="m", prompt="p")
+
+    assert cache_key(request, "gemini") != cache_key(request, "gemini", "key:1")
+    assert cache_key(request, "gemini", "key:1") != cache_key(
+        request, "gemini", "key:2"
+    )
+
+
+async def test_cache_scope_separates_entries(fake_gemini):
+    request = GenerationRequest(model="gemini-3.5-flash", prompt="Scoped.")
+    await chat_complete(request, cache_scope="key:1")
+
+    other = await chat_complete(request, cache_scope="key:2")
+    same = await chat_complete(request, cache_scope="key:1")
+
+    assert other.cache_status == "miss"
+    assert same.cache_status == "hit-l1"
+    assert fake_gemini.call_count == 2
 
 
 async def test_repeated_request_is_served_from_l1(fake_gemini):
