@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -113,7 +114,8 @@ def _json_body(request: HttpRequest) -> dict:
         raw = request.body
     except RequestDataTooBig:
         raise ApiError(
-            "The request body is too large; send a shorter prompt.",
+            f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} "
+            "bytes; send a shorter prompt.",
             code="request_too_large",
             status_code=413,
         ) from None
@@ -146,10 +148,6 @@ def _cache_allowed(request: HttpRequest, use_cache: bool) -> bool:
     return use_cache and not (directives & _NO_CACHE_DIRECTIVES)
 
 
-def _usage_dict(usage) -> dict[str, int]:
-    return asdict(usage)
-
-
 def _result_response(
     request: HttpRequest, result: ChatResult, extra: dict[str, Any]
 ) -> JsonResponse:
@@ -160,7 +158,7 @@ def _result_response(
             "latency": round(result.latency, 6),
             "cached": result.cached,
             "finish_reason": result.finish_reason,
-            "usage": _usage_dict(result.usage),
+            "usage": asdict(result.usage),
             **extra,
             "request_id": request.request_id,
         }
@@ -281,7 +279,7 @@ async def _event_stream_body(
         done = {
             "model": item.model,
             "finish_reason": item.finish_reason,
-            "usage": _usage_dict(item.usage),
+            "usage": asdict(item.usage),
             "cached": item.cache_status.startswith("hit"),
             "latency": round(item.latency, 6),
             **extra,

@@ -179,6 +179,26 @@ async def test_l2_stores_json_not_pickle(fake_gemini):
     }
 
 
+async def test_l1_copy_keeps_l2_expiry(fake_gemini):
+    value = {
+        "text": "Stored in Redis",
+        "model": "gemini-3.5-flash",
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        # Less than a second left in Redis: too little for an L1 copy.
+        "expires_at": time.time() + 0.5,
+    }
+    caches["l2"].set(key_of(BASE_BODY), value)
+
+    first = await post_json("/chat", BASE_BODY)
+    second = await post_json("/chat", BASE_BODY)
+
+    assert first["X-Cache"] == "hit-l2"
+    assert first.json()["response"] == "Stored in Redis"
+    assert second["X-Cache"] == "hit-l2"
+    assert fake_gemini.call_count == 0
+
+
 @pytest.mark.parametrize(
     "stored",
     [b"not json {", b'{"text": 5}', b"[1, 2]", b"42"],

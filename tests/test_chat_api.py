@@ -353,7 +353,7 @@ async def test_oversized_body_returns_413(fake_gemini, settings):
     assert response.status_code == 413
     assert response.json() == error(
         None,
-        "The request body is too large; send a shorter prompt.",
+        "The request body is larger than 1024 bytes; send a shorter prompt.",
         code="request_too_large",
     )
 
