@@ -296,7 +296,7 @@ CHAT_MAX_PROMPT_CHARS = env_int("CHAT_MAX_PROMPT_CHARS", 32000, minimum=1)
 CHAT_MAX_SYSTEM_CHARS = env_int("CHAT_MAX_SYSTEM_CHARS", 8000, minimum=1)
 
 # Chat websocket: answers one connection may stream at once, and the largest
-# client frame in bytes (a larger one closes the connection with code 1009).
+# client frame in bytes (a larger one closes the connection with code 4009).
 WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 4, minimum=1)
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
 

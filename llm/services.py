@@ -14,9 +14,9 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from gateway_project.errors import InvalidField
+from gateway_project.errors import ApiError, InvalidField
 from llm.cache import CachedAnswer, cache_get, cache_key, cache_set
-from llm.errors import LLMError, UpstreamBadResponse
+from llm.errors import UpstreamBadResponse
 from llm.metrics import TOKENS, UPSTREAM_ERRORS, UPSTREAM_LATENCY
 from llm.providers import get_provider, provider_name, resolve_model
 from llm.providers.base import Completion, GenerationRequest, StreamEnd, Usage
@@ -78,7 +78,7 @@ async def chat_complete(
 
     ``cache_scope`` keeps the cache entries of one scope (an API key, say)
     apart from the others. Raises llm.errors.LLMError subclasses when the
-    provider fails.
+    provider fails, and InvalidField when the vendor rejects a parameter.
     """
     started = time.perf_counter()
     key = _cache_key_or_none(request, use_cache, cache_scope)
@@ -153,7 +153,7 @@ async def chat_stream(
                 continue
             pieces.append(item)
             yield item
-    except LLMError as error:
+    except ApiError as error:
         UPSTREAM_ERRORS.labels(code=error.code).inc()
         raise
     finally:
@@ -198,7 +198,7 @@ async def _provider_complete(request: GenerationRequest) -> Completion:
     started = time.perf_counter()
     try:
         completion = await provider.complete(request)
-    except LLMError as error:
+    except ApiError as error:
         UPSTREAM_ERRORS.labels(code=error.code).inc()
         raise
     _record_upstream_success(request.model, completion.usage, started)
