@@ -141,8 +141,8 @@ def _l1_get(key: str) -> CachedAnswer | None:
 
 
 def _l1_set(key: str, answer: CachedAnswer, *, expires_at: float | None) -> None:
-    # An L2 entry copied into L1 keeps the L2 expiry time, so L1 never serves
-    # an answer that Redis has already dropped.
+    # An L2 entry copied into L1 keeps the L2 expiry time, so the copy expires
+    # no later than the Redis entry (an eviction by Redis is not seen here).
     timeout = settings.CACHE_L1_TTL_SECONDS
     if expires_at is not None:
         timeout = min(timeout, math.floor(expires_at - time.time()))
