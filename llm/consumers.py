@@ -46,8 +46,8 @@ class ChatConsumer(LayerTolerantConsumer):
         # Subscribed prompt name -> the id the client gave in its subscribe frame.
         self.subscriptions: dict[str, str | None] = {}
         self.api_key = None
-        # Set for a rejected client, whose frames are ignored until it closes.
-        self.rejected = False
+        # Set once the server closes the socket: later frames are ignored.
+        self.closing = False
 
         token = request_id_var.set(uuid.uuid4().hex)
         try:
@@ -56,7 +56,7 @@ class ChatConsumer(LayerTolerantConsumer):
             # Accepting first lets the client read why it was rejected, because
             # a handshake refused with HTTP 403 gives a browser no reason.
             logger.warning("Rejected websocket client: %s", error.code)
-            self.rejected = True
+            self.closing = True
             await self.accept(subprotocol=ws_protocol.accepted_subprotocol(self.scope))
             await self.send_frame(ws_protocol.error_frame(None, error))
             await self.close(code=CLOSE_UNAUTHENTICATED)
@@ -66,7 +66,7 @@ class ChatConsumer(LayerTolerantConsumer):
         await self.accept(subprotocol=ws_protocol.accepted_subprotocol(self.scope))
 
     async def receive(self, text_data=None, bytes_data=None):
-        if self.rejected:
+        if self.closing:
             return
         size = ws_protocol.frame_size(text_data, bytes_data)
         if size > settings.WS_MAX_FRAME_BYTES:
@@ -76,6 +76,7 @@ class ChatConsumer(LayerTolerantConsumer):
                 settings.WS_MAX_FRAME_BYTES,
             )
             error = ws_protocol.frame_too_large(size, settings.WS_MAX_FRAME_BYTES)
+            self.closing = True
             await self.send_frame(ws_protocol.error_frame(None, error))
             await self.close(code=CLOSE_FRAME_TOO_LARGE)
             return

@@ -161,8 +161,11 @@ async def test_oversized_frame_closes_with_4009(fake_gemini, settings):
 
     async with chat_socket() as socket:
         await socket.send_to(text_data=text)
+        # A frame that was already on its way when the server closed.
+        await socket.send_json_to({"type": "chat", "id": "late", "prompt": "Hi"})
         error = await receive(socket)
         closing = await socket.receive_output(timeout=RECEIVE_TIMEOUT)
+        late_frame_ignored = await socket.receive_nothing(timeout=0.5)
 
     assert error.pop("request_id")
     assert error == {
@@ -176,6 +179,7 @@ async def test_oversized_frame_closes_with_4009(fake_gemini, settings):
         },
     }
     assert closing == {"type": "websocket.close", "code": 4009}
+    assert late_frame_ignored
     assert fake_gemini.call_count == 0
 
 
