@@ -14,13 +14,13 @@ from typing import Any
 
 from gateway_project.errors import ApiError, InvalidField, error_payload
 from gateway_project.logging import request_id_var
+from llm.access import admit_model_call, record_model_usage
 from llm.keys import (
     BEARER_SUBPROTOCOL,
-    api_key_check_model,
     api_key_check_prompt,
     api_key_recheck_async,
+    cache_scope_for,
 )
-from llm.limits import check_request_async, record_usage_async
 from llm.metrics import request_record
 from llm.models import ApiKey
 from llm.providers.base import GenerationRequest
@@ -194,20 +194,19 @@ async def request_frames(
         call = chat_model_call(fields)
     else:
         call = await prompt_model_call(fields, key)
-    api_key_check_model(key, call.request.model)
     if key is not None:
-        await check_request_async(key)
+        await admit_model_call(key, call.request.model)
 
-    stream = chat_stream(call.request, use_cache=call.use_cache)
+    stream = chat_stream(
+        call.request, use_cache=call.use_cache, cache_scope=cache_scope_for(key)
+    )
     async with aclosing(stream):
         async for item in stream:
             if isinstance(item, StreamStart):
                 yield start_frame(client_id, item, call.prompt)
             elif isinstance(item, StreamDone):
-                # A cached response cost the provider nothing, so it does not
-                # count toward the key's token limits.
-                if key is not None and not item.cache_status.startswith("hit"):
-                    await record_usage_async(key, item.usage.total_tokens)
+                if key is not None:
+                    await record_model_usage(key, item.cache_status, item.usage)
                 yield done_frame(client_id, item)
             else:
                 yield {"type": "token", "id": client_id, "text": item}

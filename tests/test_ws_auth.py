@@ -147,3 +147,22 @@ async def test_gateway_auth_off_serves_without_key(fake_gemini, settings):
 
     assert frames[-1]["type"] == "done"
     assert frames[1] == {"type": "token", "id": "o", "text": "open"}
+
+
+async def test_per_key_cache_keeps_keys_apart(fake_gemini, settings):
+    settings.CACHE_SCOPE = "per_key"
+    chat = {"type": "chat", "id": "c", "prompt": "Cache me", "cache": True}
+
+    async with chat_socket() as first_key_socket:
+        await first_key_socket.send_json_to(chat)
+        first = await receive_until_end(first_key_socket, "c")
+        await first_key_socket.send_json_to({**chat, "id": "again"})
+        same_key = await receive_until_end(first_key_socket, "again")
+    async with chat_socket() as second_key_socket:
+        await second_key_socket.send_json_to(chat)
+        other_key = await receive_until_end(second_key_socket, "c")
+
+    assert first[0]["cached"] is False
+    assert same_key[0]["cached"] is True
+    assert other_key[0]["cached"] is False
+    assert fake_gemini.call_count == 2
