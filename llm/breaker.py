@@ -186,6 +186,7 @@ class BreakerCall:
 
 _breakers: dict[str, CircuitBreaker] = {}
 _breakers_lock = threading.Lock()
+_breakers_clock = time.monotonic
 
 
 def get_breaker(name: str) -> CircuitBreaker:
@@ -196,8 +197,22 @@ def get_breaker(name: str) -> CircuitBreaker:
                 name,
                 failure_threshold=settings.BREAKER_FAILURE_THRESHOLD,
                 cooldown_seconds=settings.BREAKER_COOLDOWN_SECONDS,
+                clock=_breakers_clock,
             )
         return _breakers[name]
+
+
+def breakers_reset(*, clock=time.monotonic) -> None:
+    """Forget every provider's breaker state.
+
+    The next call builds each breaker again from the current settings, with
+    ``clock`` (monotonic seconds). Tests call it so that no breaker state
+    leaks from one test into the next.
+    """
+    global _breakers_clock
+    with _breakers_lock:
+        _breakers.clear()
+        _breakers_clock = clock
 
 
 def breaker_for(name: str) -> BreakerCall:

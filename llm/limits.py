@@ -345,6 +345,7 @@ def _counter_keys(key: ApiKey, window: int, now: float) -> _CounterKeys:
 
 _limiter: RateLimiter | None = None
 _limiter_lock = threading.Lock()
+_limiter_clock = time.time
 
 
 def get_rate_limiter() -> RateLimiter:
@@ -355,8 +356,22 @@ def get_rate_limiter() -> RateLimiter:
             _limiter = RateLimiter(
                 redis_url=settings.REDIS_URL,
                 window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+                clock=_limiter_clock,
             )
         return _limiter
+
+
+def rate_limiter_reset(*, clock=time.time) -> None:
+    """Forget this process's limiter and its per-process counters.
+
+    The next request builds a new limiter from the current settings, with
+    ``clock`` (Unix seconds). Counts already in Redis stay. Tests call it so
+    that no Redis failure state or fallback count leaks into the next test.
+    """
+    global _limiter, _limiter_clock
+    with _limiter_lock:
+        _limiter = None
+        _limiter_clock = clock
 
 
 def check_request(key: ApiKey | None) -> RateLimitDecision:
