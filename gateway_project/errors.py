@@ -10,6 +10,8 @@ import logging
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, JsonResponse
+from django.urls import reverse
+from django.views import csrf
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -142,4 +144,23 @@ def handler404(request, exception=None):
 def handler500(request):
     return JsonResponse(
         error_body("internal_error", "The gateway failed unexpectedly."), status=500
+    )
+
+
+def csrf_failure(request, reason=""):
+    """CSRF_FAILURE_VIEW: a 403 in the error shape, except on the admin's forms.
+
+    The API's POST endpoints are exempt from CSRF checks, so only a method an
+    endpoint does not accept, such as POST /metrics, reaches this view.
+    """
+    if request.path.startswith(reverse("admin:index")):
+        return csrf.csrf_failure(request, reason)
+    return JsonResponse(
+        error_body(
+            "forbidden",
+            f"CSRF verification failed: {reason} API clients need no CSRF "
+            f"token, so check that {request.method} {request.path} is a "
+            "documented endpoint (GET /docs lists them).",
+        ),
+        status=403,
     )

@@ -123,6 +123,34 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
+# HTTPS and browser security headers. With DEBUG on, the gateway serves plain
+# HTTP on loopback, so the HTTPS-only settings apply only with DEBUG off.
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+# Origins allowed to POST forms to the admin, e.g. https://gateway.example.com.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+CSRF_FAILURE_VIEW = "gateway_project.errors.csrf_failure"
+
+if not DEBUG:
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    # Load balancers probe these over plain HTTP and count a redirect as a
+    # failure. The patterns match the path without its leading slash.
+    SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$"]
+    if env_bool("TRUST_X_FORWARDED_PROTO", False):
+        # Safe only behind a proxy that overwrites X-Forwarded-Proto: a client
+        # that reaches daphne directly could otherwise claim HTTPS.
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    # Preloading is opt-in: once browsers ship a domain in their preload list,
+    # removing it takes months. Without it, check --deploy's W021 only reports
+    # that the site cannot be submitted to that list, so it is silenced.
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
+
 
 # Redis is optional: without it the response cache has one tier and the
 # channel layer lives in process memory.

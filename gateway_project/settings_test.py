@@ -10,6 +10,9 @@ os.environ.update(
     {
         "DJANGO_DEBUG": "false",
         "DJANGO_SECRET_KEY": "test-only-secret-key-not-for-deployment",
+        # The test client speaks plain HTTP, so a redirect to HTTPS would
+        # answer every request with a 301.
+        "SECURE_SSL_REDIRECT": "false",
         "REDIS_URL": REDIS_SERVER.url,
         "LOG_LEVEL": "info",
         # A test that forgets the fake Gemini server gets a refused connection
