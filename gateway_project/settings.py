@@ -56,12 +56,16 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "channels",
+    "corsheaders",
     "prompts_registry",
     "llm",
 ]
 
 MIDDLEWARE = [
     "gateway_project.middleware.RequestIdMiddleware",
+    # Before every middleware that can respond, so preflights and error
+    # responses carry the CORS headers too.
+    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -150,6 +154,21 @@ if not DEBUG:
     SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
     if not SECURE_HSTS_PRELOAD:
         SILENCED_SYSTEM_CHECKS = ["security.W021"]
+
+# Browser pages on these origins (https://app.example.com) may call the API.
+# Empty allows no cross-origin access. Keys travel in the Authorization
+# header, never in cookies, so credentials stay off.
+CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
+CORS_ALLOW_METHODS = ["GET", "HEAD", "OPTIONS", "POST"]
+CORS_ALLOW_HEADERS = ["authorization", "content-type", "x-request-id", "cache-control"]
+CORS_EXPOSE_HEADERS = [
+    "X-Request-ID",
+    "X-Cache",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
 
 
 # Redis is optional: without it the response cache has one tier and the
