@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -76,6 +76,9 @@ class Reply:
     drop_after_chunks: int | None = None
     # error.details of an error reply, such as an ErrorInfo with its "reason".
     error_details: list[dict] | None = None
+    # Append the text of the request's last user turn as one more chunk, so a
+    # client can check that a response belongs to its own request.
+    echo: bool = False
 
     @property
     def text(self) -> str:
@@ -324,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         call = Call(url.path, model, body, stream, dict(self.headers.items()))
         reply = self.server.fake._record(call)
+        if reply.echo:
+            reply = replace(reply, chunks=[*reply.chunks, last_user_text(body)])
         self._reply(reply, model, stream)
 
     def _reply(self, reply: Reply, model: str, stream: bool) -> None:
@@ -423,6 +428,24 @@ class _Handler(BaseHTTPRequestHandler):
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
+
+
+def last_user_text(body: dict) -> str:
+    """Return the joined text parts of the last user turn in a request body."""
+    contents = body.get("contents")
+    if not isinstance(contents, list):
+        return ""
+    for content in reversed(contents):
+        if isinstance(content, dict) and content.get("role", "user") == "user":
+            parts = content.get("parts")
+            if not isinstance(parts, list):
+                return ""
+            return "".join(
+                part["text"]
+                for part in parts
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return ""
 
 
 def _route(path: str) -> tuple[str, str] | None:

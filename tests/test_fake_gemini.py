@@ -81,6 +81,26 @@ def test_replies_are_used_in_order_then_default(fake_gemini):
     assert fake_gemini.call_count == 3
 
 
+async def test_echo_appends_last_user_text(fake_gemini):
+    fake_gemini.default_reply = Reply(chunks=["You said: "], echo=True)
+    client = sdk_client(fake_gemini)
+    history = [
+        types.Content(role="user", parts=[types.Part(text="first question")]),
+        types.Content(role="model", parts=[types.Part(text="an answer")]),
+        types.Content(role="user", parts=[types.Part(text="second question")]),
+    ]
+
+    whole = await client.aio.models.generate_content(model=MODEL, contents=history)
+    stream = await client.aio.models.generate_content_stream(
+        model=MODEL, contents="streamed question"
+    )
+    events = [event async for event in stream]
+
+    assert whole.text == "You said: second question"
+    assert [event.text for event in events] == ["You said: ", "streamed question"]
+    assert events[-1].usage_metadata.candidates_token_count == 2
+
+
 def test_empty_answer_has_finish_reason_only(fake_gemini):
     fake_gemini.enqueue(Reply(chunks=[], finish_reason="MAX_TOKENS"))
 
