@@ -289,6 +289,10 @@ CACHE_SCOPE = env_choice("CACHE_SCOPE", "shared", ("shared", "per_key"))
 RATE_LIMIT_WINDOW_SECONDS = env_int("RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1)
 BREAKER_FAILURE_THRESHOLD = env_int("BREAKER_FAILURE_THRESHOLD", 5, minimum=1)
 BREAKER_COOLDOWN_SECONDS = env_float("BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0.1)
+# /metrics requires an API key unless this is true. Prometheus sends one with
+# `authorization: {type: Bearer, credentials_file: ...}` in its scrape config;
+# set true only when /metrics is reachable from an internal network alone.
+METRICS_PUBLIC = env_bool("METRICS_PUBLIC", False)
 MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 

@@ -15,6 +15,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from gateway_project.errors import ApiError, InvalidField
+from llm.breaker import breaker_for
 from llm.cache import CachedAnswer, cache_get, cache_key, cache_set
 from llm.errors import UpstreamBadResponse
 from llm.metrics import TOKENS, UPSTREAM_ERRORS, UPSTREAM_LATENCY
@@ -140,33 +141,38 @@ async def chat_stream(
 
     cache_status = CACHE_MISS if key is not None else CACHE_BYPASS
     provider = get_provider(request.model)
-    yield StreamStart(model=request.model, cache_status=cache_status)
+    # The breaker is entered before StreamStart, so an open circuit fails the
+    # request before a view sends any byte. Its scope ends before StreamDone,
+    # because a caller that closes this generator after the last item would
+    # otherwise turn a finished call into a cancelled one.
+    async with breaker_for(provider_name(request.model)):
+        yield StreamStart(model=request.model, cache_status=cache_status)
 
-    upstream = provider.stream(request)
-    upstream_started = time.perf_counter()
-    pieces: list[str] = []
-    end: StreamEnd | None = None
-    try:
-        async for item in upstream:
-            if isinstance(item, StreamEnd):
-                end = item
-                continue
-            pieces.append(item)
-            yield item
-    except ApiError as error:
-        UPSTREAM_ERRORS.labels(code=error.code).inc()
-        raise
-    finally:
-        # This runs on a normal end, on errors, and when this generator is
-        # closed or cancelled at a yield. Closing the provider's generator stops
-        # the vendor call it still has open.
-        await upstream.aclose()
+        upstream = provider.stream(request)
+        upstream_started = time.perf_counter()
+        pieces: list[str] = []
+        end: StreamEnd | None = None
+        try:
+            async for item in upstream:
+                if isinstance(item, StreamEnd):
+                    end = item
+                    continue
+                pieces.append(item)
+                yield item
+        except ApiError as error:
+            UPSTREAM_ERRORS.labels(code=error.code).inc()
+            raise
+        finally:
+            # This runs on a normal end, on errors, and when this generator is
+            # closed or cancelled at a yield. Closing the provider's generator
+            # stops the vendor call it still has open.
+            await upstream.aclose()
 
-    if end is None:
-        UPSTREAM_ERRORS.labels(code=UpstreamBadResponse.default_code).inc()
-        raise UpstreamBadResponse(
-            "The model provider ended the stream without a final status; retry."
-        )
+        if end is None:
+            UPSTREAM_ERRORS.labels(code=UpstreamBadResponse.default_code).inc()
+            raise UpstreamBadResponse(
+                "The model provider ended the stream without a final status; retry."
+            )
     _record_upstream_success(request.model, end.usage, upstream_started)
     completion = Completion(
         text="".join(pieces),
@@ -195,12 +201,15 @@ def _cache_key_or_none(
 
 async def _provider_complete(request: GenerationRequest) -> Completion:
     provider = get_provider(request.model)
-    started = time.perf_counter()
-    try:
-        completion = await provider.complete(request)
-    except ApiError as error:
-        UPSTREAM_ERRORS.labels(code=error.code).inc()
-        raise
+    # An open breaker raises circuit_open here, before the provider is called,
+    # so that error is not counted among the provider's errors.
+    async with breaker_for(provider_name(request.model)):
+        started = time.perf_counter()
+        try:
+            completion = await provider.complete(request)
+        except ApiError as error:
+            UPSTREAM_ERRORS.labels(code=error.code).inc()
+            raise
     _record_upstream_success(request.model, completion.usage, started)
     return completion
 

@@ -3,7 +3,9 @@
 The chat views are plain async Django views, not DRF views, so under daphne a
 slow vendor holds only its own request and never the thread that sync views
 share. They parse JSON themselves, validate with the DRF serializers in
-llm/serializers.py and return errors in the gateway's one error shape.
+llm/serializers.py and return errors in the gateway's one error shape. Each
+chat view authenticates the API key, checks what the key may use and counts
+the request against its limits through llm/access.py.
 """
 
 import functools
@@ -21,7 +23,16 @@ from django.views.decorators.csrf import csrf_exempt
 
 from gateway_project.errors import ApiError, error_payload, json_error_response
 from gateway_project.logging import request_id_var
+from llm.access import (
+    admit_model_call,
+    check_metrics_access,
+    record_model_usage,
+    request_api_key,
+)
+from llm.keys import api_key_check_prompt, cache_scope_for
+from llm.limits import RateLimitDecision, RateLimited
 from llm.metrics import metrics_exposition, request_record
+from llm.models import ApiKey
 from llm.providers.base import GenerationRequest
 from llm.serializers import ChatRequestSerializer, PromptChatRequestSerializer
 from llm.services import (
@@ -44,11 +55,14 @@ _CLIENT_CLOSED_STATUS = 499
 
 @dataclass
 class _Outcome:
-    """Metric labels and start time of one chat request."""
+    """Metric labels, start time and rate limit state of one chat request."""
 
     endpoint: str
     started: float
     model: str = "-"
+    # Set once the request is counted against its key's limits; its values
+    # go out as X-RateLimit-* headers on the response, errors included.
+    rate_limit: RateLimitDecision | None = None
 
     def record(self, status: int) -> None:
         request_record(
@@ -65,6 +79,9 @@ ChatView = Callable[..., Awaitable[HttpResponse]]
 def _chat_endpoint(endpoint: str) -> Callable[[ChatView], ChatView]:
     """Wrap a chat view: POST only, CSRF exempt, errors in the API shape, metrics.
 
+    Once the view has counted the request against its API key's limits, the
+    response carries the X-RateLimit-* headers, error responses included.
+
     The API serves non-browser clients authenticated by API keys, not by
     cookies, so CSRF protection does not apply.
     """
@@ -78,8 +95,14 @@ def _chat_endpoint(endpoint: str) -> Callable[[ChatView], ChatView]:
                 return _method_not_allowed(request, "POST")
             try:
                 response = await view(request, outcome, *args, **kwargs)
+            except RateLimited as error:
+                outcome.rate_limit = error.decision
+                response = json_error_response(error)
             except Exception as error:  # noqa: BLE001 - error_payload logs unknown ones
                 response = json_error_response(error)
+            if outcome.rate_limit is not None:
+                for name, value in outcome.rate_limit.headers().items():
+                    response[name] = value
             # A stream records itself when its body ends.
             if not response.streaming:
                 outcome.record(response.status_code)
@@ -197,44 +220,80 @@ async def _prompt_chat_request(
 
 @_chat_endpoint("chat")
 async def chat(request: HttpRequest, outcome: _Outcome) -> HttpResponse:
+    key = await request_api_key(request)
     generation, use_cache = _chat_request(request)
-    outcome.model = generation.model
 
-    result = await chat_complete(generation, use_cache=use_cache)
-    return _result_response(request, result, {})
+    return await _complete_chat(request, outcome, key, generation, use_cache, {})
 
 
 @_chat_endpoint("chat_stream")
 async def chat_stream_view(request: HttpRequest, outcome: _Outcome) -> HttpResponse:
+    key = await request_api_key(request)
     generation, use_cache = _chat_request(request)
-    outcome.model = generation.model
 
-    events = chat_stream(generation, use_cache=use_cache)
-    return await _event_stream_response(request, events, outcome, {})
+    return await _stream_chat(request, outcome, key, generation, use_cache, {})
 
 
 @_chat_endpoint("prompt_chat")
 async def prompt_chat(request: HttpRequest, outcome: _Outcome, name: str):
+    key = await request_api_key(request)
+    api_key_check_prompt(key, name)
     generation, use_cache, extra = await _prompt_chat_request(request, name)
-    outcome.model = generation.model
 
-    result = await chat_complete(generation, use_cache=use_cache)
-    return _result_response(request, result, extra)
+    return await _complete_chat(request, outcome, key, generation, use_cache, extra)
 
 
 @_chat_endpoint("prompt_chat_stream")
 async def prompt_chat_stream(request: HttpRequest, outcome: _Outcome, name: str):
+    key = await request_api_key(request)
+    api_key_check_prompt(key, name)
     generation, use_cache, extra = await _prompt_chat_request(request, name)
-    outcome.model = generation.model
 
-    events = chat_stream(generation, use_cache=use_cache)
-    return await _event_stream_response(request, events, outcome, extra)
+    return await _stream_chat(request, outcome, key, generation, use_cache, extra)
+
+
+async def _complete_chat(
+    request: HttpRequest,
+    outcome: _Outcome,
+    key: ApiKey | None,
+    generation: GenerationRequest,
+    use_cache: bool,
+    extra: dict[str, Any],
+) -> JsonResponse:
+    """Admit the model call under the key's limits and return the whole response."""
+    outcome.model = generation.model
+    outcome.rate_limit = await admit_model_call(key, generation.model)
+
+    result = await chat_complete(
+        generation, use_cache=use_cache, cache_scope=cache_scope_for(key)
+    )
+    await record_model_usage(key, result.cache_status, result.usage)
+    return _result_response(request, result, extra)
+
+
+async def _stream_chat(
+    request: HttpRequest,
+    outcome: _Outcome,
+    key: ApiKey | None,
+    generation: GenerationRequest,
+    use_cache: bool,
+    extra: dict[str, Any],
+) -> StreamingHttpResponse:
+    """Admit the model call under the key's limits and stream the response."""
+    outcome.model = generation.model
+    outcome.rate_limit = await admit_model_call(key, generation.model)
+
+    events = chat_stream(
+        generation, use_cache=use_cache, cache_scope=cache_scope_for(key)
+    )
+    return await _event_stream_response(request, events, outcome, key, extra)
 
 
 async def _event_stream_response(
     request: HttpRequest,
     events: AsyncIterator,
     outcome: _Outcome,
+    key: ApiKey | None,
     extra: dict[str, Any],
 ) -> StreamingHttpResponse:
     """Start ``events`` and return it as a text/event-stream response.
@@ -251,7 +310,7 @@ async def _event_stream_response(
         await events.aclose()
         raise
 
-    body = _event_stream_body(request.request_id, first, events, outcome, extra)
+    body = _event_stream_body(request.request_id, first, events, outcome, key, extra)
     response = StreamingHttpResponse(body, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     # Tells nginx and similar proxies to pass each event on at once.
@@ -265,6 +324,7 @@ async def _event_stream_body(
     first: str | StreamDone,
     events: AsyncIterator,
     outcome: _Outcome,
+    key: ApiKey | None,
     extra: dict[str, Any],
 ) -> AsyncIterator[bytes]:
     # RequestIdMiddleware resets its context variable before Django iterates a
@@ -276,6 +336,9 @@ async def _event_stream_body(
         while not isinstance(item, StreamDone):
             yield _sse_event({"text": item})
             item = await anext(events)
+        # NOTE: a stream the client closes early is never counted, although
+        # the provider may have generated tokens until the close.
+        await record_model_usage(key, item.cache_status, item.usage)
         done = {
             "model": item.model,
             "finish_reason": item.finish_reason,
@@ -314,5 +377,9 @@ async def metrics(request: HttpRequest) -> HttpResponse:
     """Serve this process's metrics in the Prometheus text format."""
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed(request, "GET")
+    try:
+        await check_metrics_access(request)
+    except ApiError as error:
+        return json_error_response(error)
     payload, content_type = metrics_exposition()
     return HttpResponse(payload, content_type=content_type)

@@ -12,12 +12,37 @@ from gateway_project.logging import RequestIdFilter
 # Long enough for a slow CI machine, short enough that a hung stream fails fast.
 RECEIVE_TIMEOUT = 5.0
 
+# The API key the helpers below send, unless a test passes its own
+# Authorization header. The gateway_key fixture sets it for each test.
+_api_key: str | None = None
+
+
+def use_api_key(raw_key: str | None) -> None:
+    """Make the helpers send ``raw_key``; None makes them send no key."""
+    global _api_key
+    _api_key = raw_key
+
+
+def with_api_key(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Add the test's API key to ``headers`` unless they set Authorization.
+
+    Header names may be spelled as HTTP names or as keyword arguments
+    (``x_request_id``). The key goes in each request's headers because
+    AsyncClient(headers=...) in Django 5.2.19 sends Authorization as
+    Http-Authorization.
+    """
+    headers = dict(headers or {})
+    names = {name.lower().replace("_", "-") for name in headers}
+    if _api_key is not None and "authorization" not in names:
+        headers["Authorization"] = f"Bearer {_api_key}"
+    return headers
+
 
 async def post_json(path: str, body: dict | str, **headers):
-    """POST ``body`` (a dict, or raw JSON text) as application/json."""
+    """POST ``body`` (a dict, or raw JSON text) as application/json, with the key."""
     data = body if isinstance(body, str) else json.dumps(body)
     return await AsyncClient().post(
-        path, data=data, content_type="application/json", headers=headers
+        path, data=data, content_type="application/json", headers=with_api_key(headers)
     )
 
 
@@ -87,7 +112,7 @@ class AsgiRequest:
         app=application,
     ):
         raw_headers = [(b"content-type", b"application/json")]
-        for name, value in (headers or {}).items():
+        for name, value in with_api_key(headers).items():
             raw_headers.append((name.lower().encode(), value.encode()))
         scope = {
             "type": "http",

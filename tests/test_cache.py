@@ -12,6 +12,9 @@ from llm.services import chat_complete
 from tests.chat_support import post_json, request_id_filter
 from tests.fake_gemini import Reply
 
+# Every request authenticates with a gateway API key, as clients must.
+pytestmark = pytest.mark.usefixtures("gateway_key")
+
 BASE_BODY = {
     "prompt": "Name a colour.",
     "system": "Answer in one word.",

@@ -1,8 +1,11 @@
 import pytest
 from django.test import AsyncClient
 
-from tests.chat_support import expected_error, post_json
+from tests.chat_support import expected_error, post_json, with_api_key
 from tests.fake_gemini import Reply
+
+# Every request authenticates with a gateway API key, as clients must.
+pytestmark = pytest.mark.usefixtures("gateway_key")
 
 
 async def test_chat_returns_whole_body(fake_gemini):
@@ -65,7 +68,10 @@ async def test_chat_is_csrf_exempt(fake_gemini):
     client = AsyncClient(enforce_csrf_checks=True)
 
     response = await client.post(
-        "/chat", data={"prompt": "Hi"}, content_type="application/json"
+        "/chat",
+        data={"prompt": "Hi"},
+        content_type="application/json",
+        headers=with_api_key(),
     )
 
     assert response.status_code == 200
@@ -311,7 +317,7 @@ async def test_wrong_content_type_returns_415(fake_gemini):
         "/chat",
         data="prompt=Hi",
         content_type="application/x-www-form-urlencoded",
-        headers={"X-Request-ID": "v1"},
+        headers=with_api_key({"X-Request-ID": "v1"}),
     )
 
     assert response.status_code == 415
@@ -327,6 +333,7 @@ async def test_json_with_charset_is_accepted(fake_gemini):
         "/chat",
         data='{"prompt": "Hi"}',
         content_type="application/json; charset=utf-8",
+        headers=with_api_key(),
     )
 
     assert response.status_code == 200

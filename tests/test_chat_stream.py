@@ -18,6 +18,9 @@ from tests.chat_support import (
 )
 from tests.fake_gemini import Reply
 
+# Every request authenticates with a gateway API key, as clients must.
+pytestmark = pytest.mark.usefixtures("gateway_key")
+
 BODY = {"prompt": "Say hello.", "temperature": 0.2}
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 

@@ -1,13 +1,17 @@
+import pytest
 from django.test import AsyncClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.chat_support import post_json, read_events
+from tests.chat_support import post_json, read_events, with_api_key
 from tests.fake_gemini import Reply
+
+# /metrics and the chat endpoints require a gateway API key.
+pytestmark = pytest.mark.usefixtures("gateway_key")
 
 
 async def scrape() -> dict[tuple[str, tuple], float]:
     """Return every sample of GET /metrics keyed by (name, sorted labels)."""
-    response = await AsyncClient().get("/metrics")
+    response = await AsyncClient().get("/metrics", headers=with_api_key())
     assert response.status_code == 200
     samples = {}
     for family in text_string_to_metric_families(response.content.decode()):
@@ -26,7 +30,7 @@ def delta(before: dict, after: dict, name: str, **labels) -> float:
 
 
 async def test_metrics_serves_prometheus_text():
-    response = await AsyncClient().get("/metrics")
+    response = await AsyncClient().get("/metrics", headers=with_api_key())
 
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain; version=")

@@ -5,7 +5,11 @@ from prompts_registry.models import Prompt
 from prompts_registry.services import prompt_activate, prompts_sync
 from tests.chat_support import Event, expected_error, post_json, read_events
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Every request authenticates with a gateway API key, as clients must.
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("gateway_key"),
+]
 
 GREETING_V1 = """\
 name: greeting
