@@ -9,6 +9,11 @@ process counts on its own until Redis responds again.
 Per request: ``check_request(key)`` before calling the model, which raises
 RateLimited or BudgetExceeded (both 429) and returns the X-RateLimit-* values,
 then ``record_usage(key, usage.total_tokens)`` after the answer.
+llm/access.py runs both for the chat endpoints.
+
+NOTE: a response's tokens are known only after it is generated, so token
+limits admit a request while the count is below the limit. A key can exceed a
+token limit by the tokens of the requests it has in flight at that moment.
 """
 
 from __future__ import annotations
