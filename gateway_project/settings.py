@@ -57,6 +57,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "channels",
     "corsheaders",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "prompts_registry",
     "llm",
 ]
@@ -249,6 +251,31 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "gateway_project.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI document at /schema and Swagger UI at /docs. The Swagger UI
+# assets come from drf-spectacular-sidecar's static files, so /docs works
+# without internet access.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM gateway API",
+    "DESCRIPTION": (
+        "Chat with language models, stream their answers and render versioned "
+        "prompts. Send `Authorization: Bearer <key>` to every endpoint except "
+        "/health and /ready, and to /metrics unless METRICS_PUBLIC is true."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "PREPROCESSING_HOOKS": ["gateway_project.openapi.add_plain_view_endpoints"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "gateway_project.openapi.add_security",
+    ],
 }
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
