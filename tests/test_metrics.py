@@ -112,3 +112,13 @@ async def test_metrics_rejects_post():
     assert response.status_code == 405
     assert response["Allow"] == "GET"
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_metrics_rejects_post_with_405():
+    client = AsyncClient(enforce_csrf_checks=True)
+
+    response = await client.post("/metrics", headers=with_api_key())
+
+    assert response.status_code == 405
+    assert response["Allow"] == "GET"
+    assert response.json()["error"]["code"] == "method_not_allowed"
