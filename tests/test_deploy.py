@@ -1,5 +1,6 @@
 """Production settings: Django's deploy checks, HTTPS, headers and the admin."""
 
+import json
 import os
 import secrets
 import subprocess
@@ -7,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from django.test import Client
+from django.test import Client, RequestFactory
+
+from gateway_project.errors import csrf_failure
+from gateway_project.logging import request_id_var
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 YEAR_SECONDS = 31536000
@@ -126,17 +130,21 @@ def test_admin_rejects_non_staff_user(django_user_model):
 
 
 def test_csrf_failure_uses_error_shape():
-    client = Client(enforce_csrf_checks=True, headers={"X-Request-ID": "csrf-1"})
-
-    response = client.post("/metrics", data="{}", content_type="application/json")
+    # Every API endpoint is CSRF exempt, so the failure view is called directly.
+    request = RequestFactory().post("/prompts/x/chat", data={})
+    token = request_id_var.set("csrf-1")
+    try:
+        response = csrf_failure(request, reason="CSRF cookie not set.")
+    finally:
+        request_id_var.reset(token)
 
     assert response.status_code == 403
     assert response["Content-Type"] == "application/json"
-    assert response.json() == {
+    assert json.loads(response.content) == {
         "error": {
             "code": "forbidden",
             "message": "CSRF verification failed: CSRF cookie not set. API "
-            "clients need no CSRF token, so check that POST /metrics is a "
+            "clients need no CSRF token, so check that POST /prompts/x/chat is a "
             "documented endpoint (GET /docs lists them).",
         },
         "request_id": "csrf-1",
