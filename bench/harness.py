@@ -9,7 +9,10 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -45,13 +48,14 @@ def machine_summary() -> str:
 
 
 @contextmanager
-def process(args: list[str], port: int, env: dict | None = None):
+def process(args: list[str], port: int, env: dict | None = None, stderr=None):
+    """Run ``args`` until the block ends; ``stderr`` is a file, or None to drop it."""
     proc = subprocess.Popen(
         args,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr if stderr is not None else subprocess.DEVNULL,
     )
     try:
         wait_for_port(port)
@@ -91,8 +95,54 @@ def redis_server():
 
 
 @contextmanager
+def restartable_redis():
+    """Run a redis-server that the caller may stop and start again on its port."""
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Gateway:
+    """A running daphne process of the gateway."""
+
+    url: str
+    process: subprocess.Popen
+    # The environment the gateway's settings were read from.
+    settings_env: dict[str, str]
+
+    def manage(self, *command: str) -> str:
+        """Run a manage.py command on the gateway's database; return its stdout."""
+        completed = subprocess.run(
+            [sys.executable, "manage.py", *command],
+            cwd=ROOT,
+            env={**os.environ, **self.settings_env},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return completed.stdout
+
+
+@contextmanager
 def gateway(gemini_url: str, redis_url: str | None, **env: str):
     """Run daphne with the bench settings on a migrated, synced temporary SQLite."""
+    with gateway_server(gemini_url, redis_url, **env) as server:
+        yield server.url
+
+
+@contextmanager
+def gateway_server(
+    gemini_url: str, redis_url: str | None, *, log_path: Path | None = None, **env: str
+):
+    """Run the gateway as ``gateway`` does and yield its Gateway.
+
+    With ``log_path`` the daphne process's stderr, which carries the gateway's
+    log, is appended to that file.
+    """
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         settings_env = {
@@ -123,5 +173,6 @@ def gateway(gemini_url: str, redis_url: str | None, **env: str):
             str(port),
             "gateway_project.asgi:application",
         ]
-        with process(args, port, settings_env):
-            yield f"http://127.0.0.1:{port}"
+        with open(log_path or os.devnull, "ab") as log:
+            with process(args, port, settings_env, stderr=log) as proc:
+                yield Gateway(f"http://127.0.0.1:{port}", proc, settings_env)
