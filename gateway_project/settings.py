@@ -377,6 +377,9 @@ CHAT_MAX_SYSTEM_CHARS = env_int("CHAT_MAX_SYSTEM_CHARS", 8000, minimum=1)
 # client frame in bytes (a larger one closes the connection with code 4009).
 WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 4, minimum=1)
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
+# Seconds a client whose handshake carried no key has to send its auth frame
+# before the connection is closed with code 4401.
+WS_AUTH_TIMEOUT_SECONDS = env_float("WS_AUTH_TIMEOUT_SECONDS", 5.0, minimum=0.1)
 
 LOG_FORMAT = env_choice("LOG_FORMAT", "text", ("text", "json"))
 LOG_LEVEL = env_choice(

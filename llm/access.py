@@ -13,15 +13,21 @@ A REST chat request goes through these steps, in this order:
 4. After the response, ``record_model_usage`` adds the tokens the provider
    reported to the key's token counters.
 
-A websocket authenticates once at the handshake and then, for each chat
-frame, reloads its key with ``keys.api_key_recheck_async`` and runs steps 2
-to 4.
+A websocket authenticates once, with ``websocket_api_key`` at the handshake
+or, when the handshake carries no key, with its first frame. Then, for each
+chat frame, it reloads its key with ``keys.api_key_recheck_async`` and runs
+steps 2 to 4.
 """
 
 from django.conf import settings
 from django.http import HttpRequest
 
-from llm.keys import api_key_check_model, api_key_from_header_async
+from llm.keys import (
+    api_key_authenticate_async,
+    api_key_check_model,
+    api_key_from_header_async,
+    websocket_bearer_token,
+)
 from llm.limits import RateLimitDecision, check_request_async, record_usage_async
 from llm.models import ApiKey
 from llm.providers.base import Usage
@@ -35,6 +41,20 @@ async def request_api_key(request: HttpRequest) -> ApiKey | None:
     Raises ApiKeyMissing, ApiKeyInvalid or ApiKeyRevoked (all 401).
     """
     return await api_key_from_header_async(request.headers.get("Authorization"))
+
+
+async def websocket_api_key(scope: dict) -> ApiKey | None:
+    """Authenticate a websocket handshake by its header or bearer subprotocol.
+
+    Returns None when the handshake carries no key, in either GATEWAY_AUTH
+    mode, because the client may still send its key in an auth frame. Raises
+    ApiKeyMissing, ApiKeyInvalid or ApiKeyRevoked (all 401) for a key that is
+    malformed, unknown or revoked. The query string is never read.
+    """
+    raw = websocket_bearer_token(scope)
+    if raw is None:
+        return None
+    return await api_key_authenticate_async(raw)
 
 
 async def admit_model_call(key: ApiKey | None, model: str) -> RateLimitDecision:

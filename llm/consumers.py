@@ -3,6 +3,10 @@
 Frames are JSON text; ``llm.ws_protocol`` defines what they contain. Each chat
 or prompt request runs in its own asyncio task, so one connection can have up
 to ``WS_MAX_IN_FLIGHT`` answers streaming at once, told apart by their ``id``.
+
+A client authenticates in its handshake (Authorization header or bearer
+subprotocol) or, since browsers cannot set headers, with an auth frame as its
+first frame within WS_AUTH_TIMEOUT_SECONDS.
 """
 
 import asyncio
@@ -17,11 +21,8 @@ from django.conf import settings
 from gateway_project.errors import ApiError, NotFound
 from gateway_project.logging import request_id_var
 from llm import ws_protocol
-from llm.keys import (
-    api_key_check_prompt,
-    api_key_from_scope_async,
-    api_key_recheck_async,
-)
+from llm.access import websocket_api_key
+from llm.keys import api_key_check_prompt, api_key_recheck_async
 from llm.prompt_events import prompt_group_name
 from llm.ws_layer import LayerTolerantConsumer
 from prompts_registry.selectors import prompt_get
@@ -48,22 +49,29 @@ class ChatConsumer(LayerTolerantConsumer):
         self.api_key = None
         # Set once the server closes the socket: later frames are ignored.
         self.closing = False
+        # Set while a client whose handshake carried no key must still send
+        # its auth frame; the timer closes the connection when time runs out.
+        self.awaiting_auth = False
+        self.auth_timer: asyncio.Task | None = None
 
         token = request_id_var.set(uuid.uuid4().hex)
         try:
-            self.api_key = await api_key_from_scope_async(self.scope)
+            self.api_key = await websocket_api_key(self.scope)
         except ApiError as error:
             # Accepting first lets the client read why it was rejected, because
             # a handshake refused with HTTP 403 gives a browser no reason.
-            logger.warning("Rejected websocket client: %s", error.code)
-            self.closing = True
             await self.accept(subprotocol=ws_protocol.accepted_subprotocol(self.scope))
-            await self.send_frame(ws_protocol.error_frame(None, error))
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.reject(None, error)
             return
         finally:
             request_id_var.reset(token)
         await self.accept(subprotocol=ws_protocol.accepted_subprotocol(self.scope))
+        if self.api_key is None and settings.GATEWAY_AUTH == "required":
+            self.awaiting_auth = True
+            self.auth_timer = asyncio.create_task(
+                self.expire_auth(settings.WS_AUTH_TIMEOUT_SECONDS),
+                name="websocket auth timeout",
+            )
 
     async def receive(self, text_data=None, bytes_data=None):
         if self.closing:
@@ -86,6 +94,9 @@ class ChatConsumer(LayerTolerantConsumer):
         token = request_id_var.set(uuid.uuid4().hex)
         client_id = None
         try:
+            if self.awaiting_auth:
+                await self.receive_first_frame(text_data, bytes_data)
+                return
             frame = ws_protocol.decode_frame(text_data, bytes_data)
             client_id = ws_protocol.client_id_of(frame)
             frame_type = ws_protocol.validate_frame(frame)
@@ -98,6 +109,62 @@ class ChatConsumer(LayerTolerantConsumer):
         finally:
             request_id_var.reset(token)
 
+    async def receive_first_frame(self, text_data, bytes_data) -> None:
+        """Authenticate by the first frame; reject the client for any other frame.
+
+        The timer keeps running until the key is checked. A server failure
+        while checking it leaves the client awaiting auth, so it may retry
+        before the timer closes the connection.
+        """
+        try:
+            frame = ws_protocol.decode_auth_frame(text_data, bytes_data)
+        except ApiError as error:
+            await self.reject(None, error)
+            return
+        await self.authenticate(ws_protocol.client_id_of(frame), frame)
+
+    async def authenticate(self, client_id, frame: dict) -> None:
+        try:
+            key = await ws_protocol.auth_frame_api_key(frame)
+        except ApiError as error:
+            await self.reject(client_id, error)
+            return
+        if self.closing:
+            # The auth timer fired while the key was being checked.
+            return
+        self.api_key = key
+        self.awaiting_auth = False
+        self.stop_auth_timer()
+        await self.send_frame(ws_protocol.authenticated_frame(client_id, key))
+
+    async def expire_auth(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        # From here on this task must not be cancelled by stop_auth_timer.
+        self.auth_timer = None
+        token = request_id_var.set(uuid.uuid4().hex)
+        try:
+            await self.reject(None, ws_protocol.auth_timed_out(seconds))
+        finally:
+            request_id_var.reset(token)
+
+    def stop_auth_timer(self) -> None:
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+            self.auth_timer = None
+
+    async def reject(self, client_id, error: ApiError) -> None:
+        """Send the authentication error and close with 4401, unless already closing.
+
+        The auth timer and a frame's key check can both end in a rejection,
+        and only the first one reaches the client.
+        """
+        if self.closing:
+            return
+        logger.warning("Rejected websocket client: %s", error.code)
+        self.closing = True
+        await self.send_frame(ws_protocol.error_frame(client_id, error))
+        await self.close(code=CLOSE_UNAUTHENTICATED)
+
     async def handle_frame(self, frame_type: str, client_id, frame: dict) -> None:
         if frame_type in ws_protocol.REQUEST_TYPES:
             self.start_request(frame_type, client_id, frame)
@@ -105,8 +172,13 @@ class ChatConsumer(LayerTolerantConsumer):
             self.cancel_request(client_id)
         elif frame_type == "subscribe":
             await self.subscribe(client_id, ws_protocol.subscription_prompt(frame))
-        else:
+        elif frame_type == "unsubscribe":
             await self.unsubscribe(client_id, ws_protocol.subscription_prompt(frame))
+        elif self.api_key is not None:
+            raise ws_protocol.already_authenticated(self.api_key)
+        else:
+            # GATEWAY_AUTH=off: a connection without a key may add one.
+            await self.authenticate(client_id, frame)
 
     def start_request(self, frame_type: str, client_id: str, frame: dict) -> None:
         if client_id in self.requests:
@@ -208,6 +280,7 @@ class ChatConsumer(LayerTolerantConsumer):
             await self.send_frame(ws_protocol.prompt_activated_frame(client_id, event))
 
     async def disconnect(self, code):
+        self.stop_auth_timer()
         tasks = list(self.requests.values())
         for task in tasks:
             task.cancel()

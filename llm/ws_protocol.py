@@ -17,6 +17,8 @@ from gateway_project.logging import request_id_var
 from llm.access import admit_model_call, record_model_usage
 from llm.keys import (
     BEARER_SUBPROTOCOL,
+    ApiKeyMissing,
+    api_key_authenticate_async,
     api_key_check_prompt,
     api_key_recheck_async,
     cache_scope_for,
@@ -29,7 +31,8 @@ from llm.services import StreamDone, StreamStart, chat_stream, prompt_chat_reque
 
 # Frame types that start a model call, and so need an id of their own.
 REQUEST_TYPES = ("chat", "prompt")
-CLIENT_TYPES = (*REQUEST_TYPES, "cancel", "subscribe", "unsubscribe")
+CLIENT_TYPES = (*REQUEST_TYPES, "cancel", "subscribe", "unsubscribe", "auth")
+AUTH_FRAME_EXAMPLE = '{"type": "auth", "key": "<key>"}'
 MAX_ID_CHARS = 128
 # Status recorded in metrics for a request cancelled by its client or by the
 # connection closing (the nginx convention for "client closed request").
@@ -84,6 +87,55 @@ def decode_frame(text_data: str | None, bytes_data: bytes | None) -> dict:
             code="invalid_json",
         )
     return frame
+
+
+def decode_auth_frame(text_data: str | None, bytes_data: bytes | None) -> dict:
+    """Parse the first frame of a connection without a key; it must be an auth frame.
+
+    Raises ApiKeyMissing (401) for any other frame, invalid JSON included, so
+    a client that has not authenticated learns nothing about the protocol.
+    """
+    try:
+        frame = decode_frame(text_data, bytes_data)
+    except ApiError:
+        frame = {}
+    if frame.get("type") != "auth":
+        raise ApiKeyMissing(
+            f"The first frame must authenticate: send {AUTH_FRAME_EXAMPLE} before "
+            "any other frame, or connect with the header "
+            "`Authorization: Bearer <key>`. The connection is closed."
+        )
+    return frame
+
+
+async def auth_frame_api_key(frame: dict) -> ApiKey:
+    """Authenticate the key of an auth frame.
+
+    Raises ApiKeyMissing, ApiKeyInvalid or ApiKeyRevoked (all 401).
+    """
+    raw = frame.get("key")
+    if not isinstance(raw, str) or not raw.strip():
+        raise ApiKeyMissing(
+            f"key is required in the auth frame: send {AUTH_FRAME_EXAMPLE}.",
+            field="key",
+        )
+    return await api_key_authenticate_async(raw)
+
+
+def auth_timed_out(seconds: float) -> ApiKeyMissing:
+    return ApiKeyMissing(
+        f"No API key arrived within {seconds:g} s of connecting: send "
+        f"{AUTH_FRAME_EXAMPLE} as the first frame, or connect with the header "
+        "`Authorization: Bearer <key>`. The connection is closed."
+    )
+
+
+def already_authenticated(key: ApiKey) -> ApiError:
+    return ApiError(
+        f"This connection is already authenticated with API key {key.prefix}…: "
+        "open a new connection to use another key.",
+        code="already_authenticated",
+    )
 
 
 def client_id_of(frame: dict) -> str | None:
@@ -276,6 +328,11 @@ def request_error(client_id: str | None, error: Exception) -> tuple[int, dict]:
 
 def error_frame(client_id: str | None, error: Exception) -> dict:
     return request_error(client_id, error)[1]
+
+
+def authenticated_frame(client_id: str | None, key: ApiKey) -> dict:
+    # The prefix alone tells keys apart; the full key is never sent back.
+    return {"type": "authenticated", "id": client_id, "key_prefix": key.prefix}
 
 
 def cancelled_frame(client_id: str) -> dict:

@@ -1,11 +1,19 @@
-"""The chat websocket serves only clients with a valid gateway API key."""
+"""The chat websocket serves only clients with a valid gateway API key.
+
+A key comes in the handshake (Authorization header or bearer subprotocol) or,
+from browsers, in an auth frame sent first. The personas are ``owner_key``
+(may use everything), ``revoked_key`` and ``outsider`` (a well-formed key the
+gateway never issued).
+"""
+
+import secrets
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from gateway_project.asgi import application
-from llm.keys import api_key_revoke
+from llm.keys import api_key_create, api_key_revoke
 from llm.models import ApiKey
 from tests.fake_gemini import Reply
 from tests.ws_support import (
@@ -13,58 +21,72 @@ from tests.ws_support import (
     bearer,
     chat_round_trip,
     chat_socket,
-    create_api_key,
+    new_api_key,
     receive,
+    receive_close_code,
     receive_until_end,
+    without_request_id,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+CLOSE_UNAUTHENTICATED = 4401
+AUTH_FRAME = '{"type": "auth", "key": "<key>"}'
+UNKNOWN_KEY = (
+    "The API key is not valid: check that it was copied whole, or ask an "
+    "administrator for a new one."
+)
+FIRST_FRAME_NOT_AUTH = (
+    f"The first frame must authenticate: send {AUTH_FRAME} before any other "
+    "frame, or connect with the header `Authorization: Bearer <key>`. The "
+    "connection is closed."
+)
 
-async def rejected_handshake(headers=(), subprotocols=None) -> tuple[dict, dict]:
-    """Connect, and return the error frame and the close message that follow."""
-    communicator = WebsocketCommunicator(
-        application, "/ws/chat", headers=list(headers), subprotocols=subprotocols
+
+def revoked_message(raw_key: str) -> str:
+    return (
+        f"The API key {raw_key[:11]}… was revoked: ask an administrator for a new one."
     )
-    try:
-        accepted, _ = await communicator.connect(timeout=RECEIVE_TIMEOUT)
-        assert accepted
-        error = await communicator.receive_json_from(timeout=RECEIVE_TIMEOUT)
-        closing = await communicator.receive_output(timeout=RECEIVE_TIMEOUT)
-    finally:
-        await communicator.disconnect(timeout=RECEIVE_TIMEOUT)
-    return error, closing
 
 
-async def test_client_without_key_is_rejected(fake_gemini):
-    error, closing = await rejected_handshake()
-
-    assert error.pop("request_id")
-    assert error == {
-        "type": "error",
-        "id": None,
-        "error": {
-            "code": "unauthenticated",
-            "message": "An API key is required: send the header "
-            "`Authorization: Bearer <key>`.",
-        },
-    }
-    assert closing == {"type": "websocket.close", "code": 4401}
-    assert fake_gemini.call_count == 0
+def error_frame(code: str, message: str, field: str | None = None, client_id=None):
+    """An error frame without its request id, as ``without_request_id`` leaves it."""
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"type": "error", "id": client_id, "error": error}
 
 
-async def test_client_with_unknown_key_is_rejected(fake_gemini):
-    error, closing = await rejected_handshake([bearer("gw_" + "x" * 43)])
-
-    assert error["error"]["code"] == "unauthenticated"
-    assert error["error"]["message"].startswith("The API key is not valid")
-    assert closing["code"] == 4401
+@pytest.fixture(autouse=True)
+def auth_timeout(settings):
+    """A timeout far longer than any test needs to send its auth frame."""
+    settings.WS_AUTH_TIMEOUT_SECONDS = 60.0
 
 
-async def test_key_as_subprotocol_is_accepted(fake_gemini):
-    raw_key = await create_api_key()
+@pytest.fixture
+def owner_key() -> str:
+    return new_api_key()
+
+
+@pytest.fixture
+def revoked_key() -> str:
+    key, raw_key = api_key_create(name="revoked")
+    api_key_revoke(key)
+    return raw_key
+
+
+@pytest.fixture
+def outsider() -> str:
+    # Shaped like a real key (prefix, length, alphabet), but never issued.
+    return "gw_" + secrets.token_urlsafe(32)
+
+
+# Keys in the handshake
+
+
+async def test_key_as_subprotocol_is_accepted(fake_gemini, owner_key):
     communicator = WebsocketCommunicator(
-        application, "/ws/chat", subprotocols=["bearer", raw_key]
+        application, "/ws/chat", subprotocols=["bearer", owner_key]
     )
 
     accepted, subprotocol = await communicator.connect(timeout=RECEIVE_TIMEOUT)
@@ -74,67 +96,275 @@ async def test_key_as_subprotocol_is_accepted(fake_gemini):
         await communicator.disconnect(timeout=RECEIVE_TIMEOUT)
 
     assert accepted
+    # The key itself is never echoed back as the accepted subprotocol.
     assert subprotocol == "bearer"
     assert done["type"] == "done"
 
 
-async def test_key_revoked_while_connected_stops_working(fake_gemini):
-    raw_key = await create_api_key()
+async def test_outsider_in_header_is_rejected(fake_gemini, outsider):
+    async with chat_socket([bearer(outsider)]) as socket:
+        error = await receive(socket)
+        code = await receive_close_code(socket)
 
-    async with chat_socket([bearer(raw_key)]) as socket:
+    assert without_request_id(error) == error_frame("unauthenticated", UNKNOWN_KEY)
+    assert code == CLOSE_UNAUTHENTICATED
+    assert fake_gemini.call_count == 0
+
+
+async def test_revoked_key_in_header_is_rejected(fake_gemini, revoked_key):
+    async with chat_socket([bearer(revoked_key)]) as socket:
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "key_revoked", revoked_message(revoked_key)
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+
+
+async def test_other_auth_scheme_is_rejected(fake_gemini, owner_key):
+    headers = [(b"authorization", f"Token {owner_key}".encode())]
+
+    async with chat_socket(headers) as socket:
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "unauthenticated",
+        "The Authorization header is malformed: send `Authorization: Bearer <key>`.",
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+
+
+# The auth frame
+
+
+async def test_auth_frame_authenticates(fake_gemini, owner_key):
+    fake_gemini.enqueue(Reply(chunks=["Hi", " there"]))
+
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "id": "login", "key": owner_key})
+        authenticated = await receive(socket)
+        await socket.send_json_to({"type": "chat", "id": "c", "prompt": "Hello"})
+        frames = await receive_until_end(socket, "c")
+
+    assert authenticated == {
+        "type": "authenticated",
+        "id": "login",
+        "key_prefix": owner_key[:11],
+    }
+    assert [frame["type"] for frame in frames] == ["start", "token", "token", "done"]
+    assert fake_gemini.call_count == 1
+
+
+async def test_auth_frame_without_id_is_answered(fake_gemini, owner_key):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        authenticated = await receive(socket)
+
+    assert authenticated == {
+        "type": "authenticated",
+        "id": None,
+        "key_prefix": owner_key[:11],
+    }
+
+
+async def test_no_key_closes_after_timeout(fake_gemini, settings):
+    settings.WS_AUTH_TIMEOUT_SECONDS = 0.2
+
+    async with chat_socket(headers=[]) as socket:
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "unauthenticated",
+        f"No API key arrived within 0.2 s of connecting: send {AUTH_FRAME} as the "
+        "first frame, or connect with the header `Authorization: Bearer <key>`. "
+        "The connection is closed.",
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+    assert fake_gemini.call_count == 0
+
+
+async def test_authenticated_socket_outlives_timeout(fake_gemini, settings, owner_key):
+    # NOTE: the auth frame must be handled within the 2 s timeout, so a
+    # machine stalled for that long fails this test.
+    settings.WS_AUTH_TIMEOUT_SECONDS = 2.0
+    fake_gemini.enqueue(Reply(chunks=["late"], delay=3.0))
+
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        authenticated = await receive(socket)
+        await socket.send_json_to({"type": "chat", "id": "slow", "prompt": "Wait"})
+        start = await receive(socket)
+        # Longer than the reply's delay, which outlasts the auth timeout.
+        rest = await socket.receive_json_from(timeout=8.0)
+
+    assert authenticated["type"] == "authenticated"
+    assert start["type"] == "start"
+    assert rest == {"type": "token", "id": "slow", "text": "late"}
+
+
+async def test_auth_frame_with_outsider_key_closes(fake_gemini, outsider):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "id": "login", "key": outsider})
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "unauthenticated", UNKNOWN_KEY, client_id="login"
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+    assert fake_gemini.call_count == 0
+
+
+async def test_auth_frame_with_revoked_key_closes(fake_gemini, revoked_key):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "key": revoked_key})
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "key_revoked", revoked_message(revoked_key)
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [{"type": "auth"}, {"type": "auth", "key": ""}, {"type": "auth", "key": 42}],
+    ids=["missing", "empty", "number"],
+)
+async def test_auth_frame_without_key_closes(fake_gemini, frame):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to(frame)
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "unauthenticated",
+        f"key is required in the auth frame: send {AUTH_FRAME}.",
+        field="key",
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "chat", "id": "early", "prompt": "Hi"}',
+        '{"type": "subscribe", "prompt": "summarizer"}',
+        '{"type": "Auth", "key": "gw_x"}',
+        "{not json",
+    ],
+    ids=["chat", "subscribe", "wrong-case-type", "invalid-json"],
+)
+async def test_frame_before_auth_closes(fake_gemini, owner_key, text):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_to(text_data=text)
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "unauthenticated", FIRST_FRAME_NOT_AUTH
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+    assert fake_gemini.call_count == 0
+
+
+async def test_frames_after_rejection_are_ignored(fake_gemini, owner_key):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "chat", "id": "early", "prompt": "Hi"})
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+        leftover = await socket.receive_nothing(timeout=0.2)
+
+    assert error["error"]["code"] == "unauthenticated"
+    assert code == CLOSE_UNAUTHENTICATED
+    assert leftover
+
+
+async def test_key_in_query_string_ignored(fake_gemini, owner_key):
+    query = f"api_key={owner_key}&key={owner_key}&token={owner_key}"
+
+    async with chat_socket(headers=[], path=f"/ws/chat?{query}") as socket:
+        await socket.send_json_to({"type": "chat", "id": "q", "prompt": "Hi"})
+        error = await receive(socket)
+        code = await receive_close_code(socket)
+
+    assert without_request_id(error) == error_frame(
+        "unauthenticated", FIRST_FRAME_NOT_AUTH
+    )
+    assert code == CLOSE_UNAUTHENTICATED
+    assert fake_gemini.call_count == 0
+
+
+async def test_auth_after_header_key_is_rejected(fake_gemini, owner_key):
+    other_key = await database_sync_to_async(new_api_key)()
+
+    async with chat_socket([bearer(owner_key)]) as socket:
+        await socket.send_json_to({"type": "auth", "id": "again", "key": other_key})
+        error = await receive(socket)
+        done = await chat_round_trip(socket)
+
+    assert without_request_id(error) == error_frame(
+        "already_authenticated",
+        f"This connection is already authenticated with API key {owner_key[:11]}…: "
+        "open a new connection to use another key.",
+        client_id="again",
+    )
+    assert done["type"] == "done"
+
+
+async def test_second_auth_frame_is_rejected(fake_gemini, owner_key):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        authenticated = await receive(socket)
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        error = await receive(socket)
+        done = await chat_round_trip(socket)
+
+    assert authenticated["type"] == "authenticated"
+    assert error["error"]["code"] == "already_authenticated"
+    assert done["type"] == "done"
+
+
+# Keys revoked while connected
+
+
+async def test_key_revoked_while_connected_stops_working(fake_gemini, owner_key):
+    async with chat_socket([bearer(owner_key)]) as socket:
         before = await chat_round_trip(socket, "before")
         await database_sync_to_async(
-            lambda: api_key_revoke(ApiKey.objects.get(revoked=False))
+            lambda: api_key_revoke(ApiKey.objects.get(prefix=owner_key[:11]))
+        )()
+        after = await chat_round_trip(socket, "after")
+        still_open = await chat_round_trip(socket, "still")
+
+    assert before["type"] == "done"
+    assert without_request_id(after) == error_frame(
+        "key_revoked", revoked_message(owner_key), client_id="after"
+    )
+    # Revocation fails each later frame; the client decides when to close.
+    assert still_open["error"]["code"] == "key_revoked"
+    assert fake_gemini.call_count == 1
+
+
+async def test_key_revoked_after_auth_frame_stops_working(fake_gemini, owner_key):
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        await receive(socket)
+        await database_sync_to_async(
+            lambda: api_key_revoke(ApiKey.objects.get(prefix=owner_key[:11]))
         )()
         after = await chat_round_trip(socket, "after")
 
-    assert before["type"] == "done"
-    assert after["type"] == "error"
     assert after["error"]["code"] == "key_revoked"
-    assert fake_gemini.call_count == 1
-
-
-async def test_model_outside_allow_list_is_forbidden(fake_gemini):
-    raw_key = await create_api_key(allowed_models=["smollm2-135m-instruct"])
-
-    async with chat_socket([bearer(raw_key)]) as socket:
-        await socket.send_json_to({"type": "chat", "id": "m", "prompt": "Hi"})
-        error = await receive(socket)
-
-    assert error["id"] == "m"
-    assert error["error"]["code"] == "forbidden"
-    assert error["error"]["field"] == "model"
     assert fake_gemini.call_count == 0
 
 
-async def test_prompt_outside_allow_list_is_forbidden(fake_gemini):
-    raw_key = await create_api_key(allowed_prompts=["classifier"])
-
-    async with chat_socket([bearer(raw_key)]) as socket:
-        await socket.send_json_to(
-            {"type": "prompt", "id": "p", "name": "summarizer", "variables": {}}
-        )
-        render_error = await receive(socket)
-        await socket.send_json_to({"type": "subscribe", "prompt": "summarizer"})
-        subscribe_error = await receive(socket)
-
-    assert render_error["id"] == "p"
-    assert render_error["error"]["code"] == "forbidden"
-    assert subscribe_error["error"]["code"] == "forbidden"
-    assert fake_gemini.call_count == 0
-
-
-async def test_request_limit_applies_per_frame(fake_gemini):
-    raw_key = await create_api_key(requests_per_minute=1)
-
-    async with chat_socket([bearer(raw_key)]) as socket:
-        first = await chat_round_trip(socket, "one")
-        second = await chat_round_trip(socket, "two")
-
-    assert first["type"] == "done"
-    assert second["type"] == "error"
-    assert second["error"]["code"] == "rate_limited"
-    assert fake_gemini.call_count == 1
+# GATEWAY_AUTH=off
 
 
 async def test_gateway_auth_off_serves_without_key(fake_gemini, settings):
@@ -149,20 +379,21 @@ async def test_gateway_auth_off_serves_without_key(fake_gemini, settings):
     assert frames[1] == {"type": "token", "id": "o", "text": "open"}
 
 
-async def test_per_key_cache_keeps_keys_apart(fake_gemini, settings):
-    settings.CACHE_SCOPE = "per_key"
-    chat = {"type": "chat", "id": "c", "prompt": "Cache me", "cache": True}
+async def test_gateway_auth_off_still_checks_sent_key(
+    fake_gemini, settings, owner_key, revoked_key
+):
+    settings.GATEWAY_AUTH = "off"
 
-    async with chat_socket() as first_key_socket:
-        await first_key_socket.send_json_to(chat)
-        first = await receive_until_end(first_key_socket, "c")
-        await first_key_socket.send_json_to({**chat, "id": "again"})
-        same_key = await receive_until_end(first_key_socket, "again")
-    async with chat_socket() as second_key_socket:
-        await second_key_socket.send_json_to(chat)
-        other_key = await receive_until_end(second_key_socket, "c")
+    async with chat_socket(headers=[]) as socket:
+        anonymous = await chat_round_trip(socket, "anonymous")
+        await socket.send_json_to({"type": "auth", "key": owner_key})
+        authenticated = await receive(socket)
+    async with chat_socket(headers=[]) as socket:
+        await socket.send_json_to({"type": "auth", "key": revoked_key})
+        error = await receive(socket)
+        code = await receive_close_code(socket)
 
-    assert first[0]["cached"] is False
-    assert same_key[0]["cached"] is True
-    assert other_key[0]["cached"] is False
-    assert fake_gemini.call_count == 2
+    assert anonymous["type"] == "done"
+    assert authenticated["key_prefix"] == owner_key[:11]
+    assert error["error"]["code"] == "key_revoked"
+    assert code == CLOSE_UNAUTHENTICATED

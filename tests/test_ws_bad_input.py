@@ -36,7 +36,7 @@ PROTOCOL_ERRORS = [
         {
             "code": "invalid_field",
             "message": "type must be one of chat, prompt, cancel, subscribe, "
-            "unsubscribe; got 'shout'.",
+            "unsubscribe, auth; got 'shout'.",
             "field": "type",
         },
         id="unknown-type",
@@ -47,7 +47,7 @@ PROTOCOL_ERRORS = [
         {
             "code": "invalid_field",
             "message": "type must be one of chat, prompt, cancel, subscribe, "
-            "unsubscribe; got None.",
+            "unsubscribe, auth; got None.",
             "field": "type",
         },
         id="missing-type",

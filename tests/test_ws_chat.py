@@ -1,13 +1,13 @@
 """The chat websocket streams model answers token by token, several at once."""
 
 import asyncio
-import re
 
 import pytest
 
 from llm.metrics import REGISTRY
 from tests.fake_gemini import Reply
 from tests.ws_support import (
+    REQUEST_ID,
     chat_round_trip,
     chat_socket,
     receive,
@@ -18,7 +18,6 @@ from tests.ws_support import (
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MODEL = "gemini-3.5-flash"
-REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 async def test_chat_streams_start_tokens_done(fake_gemini):

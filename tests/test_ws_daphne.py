@@ -32,6 +32,11 @@ ADMIN_PASSWORD = "a-long-test-password-41"
 # Generous, because daphne imports the whole project before it listens.
 START_TIMEOUT = 30.0
 RECEIVE_TIMEOUT = 5.0
+# The server's WS_AUTH_TIMEOUT_SECONDS: short, so the test of a client that
+# never authenticates ends soon, yet long enough for an auth frame sent at once.
+AUTH_TIMEOUT = 3.0
+# A front-end served from another port of an allowed host, as in development.
+BROWSER_ORIGIN = "http://localhost:5173"
 
 
 def bearer(api_key: str) -> dict[str, str]:
@@ -90,6 +95,7 @@ def server(tmp_path_factory, fake_vendor):
         "LOG_LEVEL": "warning",
         "DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD,
         "TRUST_X_FORWARDED_PROTO": "true",
+        "WS_AUTH_TIMEOUT_SECONDS": str(AUTH_TIMEOUT),
     }
     for name in ("LLM_MODELS", "DEFAULT_MODEL", "GATEWAY_AUTH"):
         env.pop(name, None)
@@ -192,12 +198,54 @@ async def test_client_without_key_is_told_why(server):
     address, _, _ = server
 
     async with connect(f"ws://{address}/ws/chat") as websocket:
-        error = await receive(websocket)
+        # Nothing arrives before the server's auth timeout runs out.
+        text = await asyncio.wait_for(websocket.recv(), AUTH_TIMEOUT + RECEIVE_TIMEOUT)
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(websocket.recv(), RECEIVE_TIMEOUT)
 
+    error = json.loads(text)
+    assert error["error"]["code"] == "unauthenticated"
+    assert error["error"]["message"].startswith(
+        "No API key arrived within 3 s of connecting"
+    )
+    assert closed.value.rcvd.code == 4401
+
+
+async def test_browser_authenticates_with_auth_frame(server, fake_vendor):
+    address, _, api_key = server
+    fake_vendor.enqueue(Reply(chunks=["Hello", " browser"]))
+
+    # Like a browser: an Origin header and no Authorization header.
+    async with connect(f"ws://{address}/ws/chat", origin=BROWSER_ORIGIN) as socket:
+        await socket.send(json.dumps({"type": "auth", "id": "login", "key": api_key}))
+        authenticated = await receive(socket)
+        chat = {"type": "chat", "id": "b", "prompt": "Greet the browser"}
+        await socket.send(json.dumps({**chat, "cache": False}))
+        frames = await receive_until_end(socket, "b")
+
+    assert authenticated == {
+        "type": "authenticated",
+        "id": "login",
+        "key_prefix": api_key[:11],
+    }
+    assert [frame["type"] for frame in frames] == ["start", "token", "token", "done"]
+    assert [frame["text"] for frame in frames[1:-1]] == ["Hello", " browser"]
+    assert frames[-1]["finish_reason"] == "stop"
+
+
+async def test_browser_frame_before_auth_closes(server, fake_vendor):
+    address, _, _ = server
+    calls_before = fake_vendor.call_count
+
+    async with connect(f"ws://{address}/ws/chat", origin=BROWSER_ORIGIN) as socket:
+        await socket.send(json.dumps({"type": "chat", "id": "x", "prompt": "Hi"}))
+        error = await receive(socket)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), RECEIVE_TIMEOUT)
+
     assert error["error"]["code"] == "unauthenticated"
     assert closed.value.rcvd.code == 4401
+    assert fake_vendor.call_count == calls_before
 
 
 async def test_oversized_frame_closes_with_4009(server):

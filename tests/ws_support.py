@@ -1,5 +1,6 @@
 """Helpers for the chat websocket tests: open a socket, read frames until an end."""
 
+import re
 from contextlib import asynccontextmanager
 
 from channels.db import database_sync_to_async
@@ -11,14 +12,16 @@ from llm.keys import api_key_create
 # Long enough for a slow CI machine, short enough that a hung consumer fails fast.
 RECEIVE_TIMEOUT = 2.0
 END_TYPES = ("done", "error", "cancelled")
+REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-async def create_api_key(**options) -> str:
+def new_api_key(**options) -> str:
     """Create a gateway API key in the test database and return the full key."""
-    _, raw_key = await database_sync_to_async(api_key_create)(
-        name="websocket test", **options
-    )
+    _, raw_key = api_key_create(name="websocket test", **options)
     return raw_key
+
+
+create_api_key = database_sync_to_async(new_api_key)
 
 
 def bearer(raw_key: str) -> tuple[bytes, bytes]:
@@ -26,14 +29,21 @@ def bearer(raw_key: str) -> tuple[bytes, bytes]:
 
 
 @asynccontextmanager
-async def chat_socket(headers: list[tuple[bytes, bytes]] | None = None):
+async def chat_socket(
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    path: str = "/ws/chat",
+    subprotocols: list[str] | None = None,
+):
     """Connect to /ws/chat through the real ASGI application; always disconnect.
 
     Without ``headers`` the socket authenticates with a new API key.
     """
     if headers is None:
         headers = [bearer(await create_api_key())]
-    communicator = WebsocketCommunicator(application, "/ws/chat", headers=headers)
+    communicator = WebsocketCommunicator(
+        application, path, headers=headers, subprotocols=subprotocols
+    )
     connected, _ = await communicator.connect(timeout=RECEIVE_TIMEOUT)
     assert connected, "the websocket handshake was rejected"
     try:
@@ -44,6 +54,21 @@ async def chat_socket(headers: list[tuple[bytes, bytes]] | None = None):
 
 async def receive(communicator) -> dict:
     return await communicator.receive_json_from(timeout=RECEIVE_TIMEOUT)
+
+
+async def receive_close_code(communicator, timeout: float = RECEIVE_TIMEOUT) -> int:
+    """Wait for the server to close the socket and return the close code."""
+    message = await communicator.receive_output(timeout=timeout)
+    assert message["type"] == "websocket.close", f"expected a close, got {message}"
+    return message["code"]
+
+
+def without_request_id(frame: dict) -> dict:
+    """Check that the frame carries a request id and return the frame without it."""
+    frame = dict(frame)
+    request_id = frame.pop("request_id")
+    assert REQUEST_ID.match(request_id), f"not a request id: {request_id!r}"
+    return frame
 
 
 async def receive_until_end(communicator, *client_ids: str) -> list[dict]:
