@@ -59,6 +59,10 @@ RUN_SETTINGS = {
     "CACHE_L2_RETRY_SECONDS": "2",
     "REDIS_TIMEOUT_SECONDS": "0.25",
     "GATEWAY_AUTH": "required",
+    # Production settings (DEBUG off), but plain HTTP: daphne serves loopback
+    # here, where a deployment would have a TLS proxy in front.
+    "DJANGO_DEBUG": "false",
+    "SECURE_SSL_REDIRECT": "false",
 }
 # Seconds the hanging vendor waits beyond GEMINI_TIMEOUT_SECONDS.
 HANG_EXTRA_SECONDS = 3.0
