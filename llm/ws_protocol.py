@@ -320,10 +320,15 @@ def done_frame(client_id: str, done: StreamDone) -> dict:
 def request_error(client_id: str | None, error: Exception) -> tuple[int, dict]:
     """Return the HTTP status the REST API would use and the error frame.
 
-    The frame carries the REST API's error body; unknown errors are logged.
+    The frame carries the REST API's error body, plus ``retry_after`` in
+    whole seconds where the REST response would send a Retry-After header
+    (rate limits, an open circuit breaker). Unknown errors are logged.
     """
-    status, body, _ = error_payload(error)
-    return status, {"type": "error", "id": client_id, **body}
+    status, body, headers = error_payload(error)
+    frame = {"type": "error", "id": client_id, **body}
+    if "Retry-After" in headers:
+        frame["retry_after"] = int(headers["Retry-After"])
+    return status, frame
 
 
 def error_frame(client_id: str | None, error: Exception) -> dict:
@@ -331,7 +336,7 @@ def error_frame(client_id: str | None, error: Exception) -> dict:
 
 
 def authenticated_frame(client_id: str | None, key: ApiKey) -> dict:
-    # The prefix alone tells keys apart; the full key is never sent back.
+    # The prefix identifies the key in the admin; the full key is never sent back.
     return {"type": "authenticated", "id": client_id, "key_prefix": key.prefix}
 
 
