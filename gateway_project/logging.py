@@ -21,6 +21,19 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class SkipUpstreamStatuses(logging.Filter):
+    """Drop django.request's line for a 502, 503 or 504.
+
+    Those statuses are typed upstream errors (vendor down, circuit open, model
+    busy) that the provider adapters and the breaker already log, once per
+    retry or state change. Under a vendor outage Django would add one ERROR
+    line per request. A 500 is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "status_code", None) not in {502, 503, 504}
+
+
 class JsonFormatter(logging.Formatter):
     """Format a record as one JSON object per line, with ``extra`` fields kept."""
 

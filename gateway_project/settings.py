@@ -389,7 +389,12 @@ LOG_LEVEL = env_choice(
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "gateway_project.logging.RequestIdFilter"}},
+    "filters": {
+        "request_id": {"()": "gateway_project.logging.RequestIdFilter"},
+        "skip_upstream_statuses": {
+            "()": "gateway_project.logging.SkipUpstreamStatuses"
+        },
+    },
     "formatters": {
         "text": {
             "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
@@ -410,6 +415,7 @@ LOGGING = {
         "django.request": {
             "handlers": ["console"],
             "level": "ERROR",
+            "filters": ["skip_upstream_statuses"],
             "propagate": False,
         },
         # The HTTP clients of google-genai log every request at INFO; the

@@ -1,0 +1,35 @@
+import json
+import logging
+
+from gateway_project.logging import JsonFormatter, SkipUpstreamStatuses
+
+
+def request_record(status_code: int) -> logging.LogRecord:
+    record = logging.makeLogRecord({"name": "django.request", "levelno": 40})
+    record.status_code = status_code
+    return record
+
+
+def test_upstream_statuses_are_skipped():
+    skip = SkipUpstreamStatuses()
+
+    for status in (502, 503, 504):
+        assert skip.filter(request_record(status)) is False
+
+
+def test_internal_errors_are_kept():
+    assert SkipUpstreamStatuses().filter(request_record(500)) is True
+
+
+def test_json_lines_keep_extra_fields():
+    record = logging.makeLogRecord(
+        {"name": "llm.cache", "levelno": 20, "levelname": "INFO", "msg": "cache_lookup"}
+    )
+    record.cache_hit = True
+    record.request_id = "r-1"
+
+    line = json.loads(JsonFormatter().format(record))
+
+    assert line["message"] == "cache_lookup"
+    assert line["cache_hit"] is True
+    assert line["request_id"] == "r-1"
