@@ -22,16 +22,17 @@ class RequestIdFilter(logging.Filter):
 
 
 class SkipUpstreamStatuses(logging.Filter):
-    """Drop django.request's line for a 502, 503 or 504.
+    """Drop django.request's line for a 503 or 504.
 
-    Those statuses are typed upstream errors (vendor down, circuit open, model
-    busy) that the provider adapters and the breaker already log, once per
-    retry or state change. Under a vendor outage Django would add one ERROR
-    line per request. A 500 is still logged.
+    Those statuses are typed upstream errors (vendor down or slow, circuit
+    open, model busy) that the Gemini adapter and the breaker already log, once
+    per retry or state change. Under a vendor outage Django would add one ERROR
+    line per request. A 500 and a 502 (such as the vendor refusing the
+    gateway's key, which an operator must fix) are still logged.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(record, "status_code", None) not in {502, 503, 504}
+        return getattr(record, "status_code", None) not in {503, 504}
 
 
 class JsonFormatter(logging.Formatter):
