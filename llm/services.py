@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 
 from gateway_project.errors import ApiError, InvalidField
 from llm.breaker import breaker_for
@@ -273,7 +274,18 @@ async def prompt_chat_request(
         if option in GENERATION_OPTIONS and value is not None
     }
     options.update(overrides)
-    model = resolve_model(options.pop("model", None) or rendered.model)
+    model = options.pop("model", None)
+    if model is None and rendered.model and rendered.model not in settings.LLM_MODELS:
+        # The caller sent no model, so an error naming the request's field
+        # alone would point at the wrong place.
+        raise InvalidField(
+            f"Prompt {rendered.name} v{rendered.version} names model "
+            f"{rendered.model!r}, which this gateway does not serve: send a "
+            f"model override ({', '.join(sorted(settings.LLM_MODELS))}), or "
+            "serve that model through LLM_MODELS.",
+            field="model",
+        )
+    model = resolve_model(model or rendered.model)
     problem = max_tokens_problem(options.get("max_tokens"), model)
     if problem:
         source = "request" if "max_tokens" in overrides else "prompt version"

@@ -304,3 +304,39 @@ async def test_request_fixes_version_limit(fake_gemini, prompts):
     assert response.status_code == 200
     assert fake_gemini.calls[0].model == "gemini-other"
     assert fake_gemini.calls[0].body["generationConfig"] == {"maxOutputTokens": 100}
+
+
+async def test_unserved_version_model_names_prompt(fake_gemini, prompts, settings):
+    settings.LLM_MODELS = {
+        name: spec
+        for name, spec in settings.LLM_MODELS.items()
+        if name != "gemini-other"
+    }
+
+    response = await post_json(
+        "/prompts/long/chat", {"max_tokens": 100}, x_request_id="p1"
+    )
+
+    assert response.status_code == 400
+    assert response.json() == error(
+        "model",
+        "Prompt long v1 names model 'gemini-other', which this gateway does not "
+        "serve: send a model override (gemini-3.5-flash, smollm2-135m-instruct), "
+        "or serve that model through LLM_MODELS.",
+    )
+    assert fake_gemini.call_count == 0
+
+
+async def test_model_override_replaces_unserved_model(fake_gemini, prompts, settings):
+    settings.LLM_MODELS = {
+        name: spec
+        for name, spec in settings.LLM_MODELS.items()
+        if name != "gemini-other"
+    }
+
+    response = await post_json(
+        "/prompts/long/chat", {"max_tokens": 100, "model": "gemini-3.5-flash"}
+    )
+
+    assert response.status_code == 200
+    assert fake_gemini.calls[0].model == "gemini-3.5-flash"
