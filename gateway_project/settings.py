@@ -33,7 +33,8 @@ def _secret_key() -> str:
     if not DEBUG:
         raise ImproperlyConfigured(
             "DJANGO_SECRET_KEY is required when DJANGO_DEBUG is false: set it to a "
-            "long random string."
+            "long random string, or set DJANGO_DEBUG=true for local development "
+            "(make manage ARGS=... does)."
         )
     # A local key survives restarts, so admin sessions stay valid between runs.
     key_file = BASE_DIR / ".secret_key"
