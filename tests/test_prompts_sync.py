@@ -272,7 +272,7 @@ def test_dry_run_writes_nothing(prompts_root):
         "Would create greeting v2",
         "Would activate farewell v1 (first sync)",
         "Would activate greeting v2 (first sync)",
-        f"Prompt versions in {prompts_root}: 3 created, 0 unchanged, 0 errors "
+        f"Prompt versions in {prompts_root}: 3 to create, 0 unchanged, 0 errors "
         "(nothing written).",
     ]
 
@@ -291,7 +291,7 @@ def test_check_passes_when_in_sync(prompts_root):
 
     output = sync(prompts_root, "--check")
 
-    assert "0 created, 3 unchanged, 0 errors (nothing written)" in output
+    assert "0 to create, 3 unchanged, 0 errors (nothing written)" in output
 
 
 def test_check_fails_on_new_file_without_writing(prompts_root):

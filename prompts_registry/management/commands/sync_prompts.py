@@ -76,9 +76,10 @@ class Command(BaseCommand):
         for error in report.errors:
             self.stderr.write(str(error))
 
+        created = "created" if report.written else "to create"
         summary = (
-            f"{len(report.created)} created, {len(report.unchanged)} unchanged, "
-            f"{len(report.errors)} errors"
+            f"{len(report.created)} {created}, {len(report.unchanged)} unchanged, "
+            f"{_plural(len(report.errors), 'error')}"
         )
         if not report.written:
             summary += " (nothing written)"
