@@ -19,6 +19,7 @@ import asyncio
 import http.client
 import json
 import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="for requests/s")
     parser.add_argument("--concurrent", type=int, default=50)
     args = parser.parse_args()
+    # Other work on the machine moves every figure, so the output states it.
+    load_before = os.getloadavg()[0]
 
     with redis_server() as redis_url:
         with (
@@ -262,6 +265,10 @@ def main() -> None:
     p50 = {name: statistics.median(values) for name, values in latency.items()}
     p99 = {name: percentile(values, 0.99) for name, values in latency.items()}
     print(f"Machine: {machine_summary()}")
+    print(
+        f"1-minute load average before the run: {load_before:.2f}, "
+        f"after it: {os.getloadavg()[0]:.2f}"
+    )
     print(
         "Gateway: one daphne process, DJANGO_DEBUG=true, GATEWAY_AUTH=off "
         "(the main series send no key), Redis as L2"
