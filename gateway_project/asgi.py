@@ -1,5 +1,6 @@
 """ASGI entry point: HTTP goes to Django, websockets to the ``llm`` consumers."""
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -26,3 +27,16 @@ application = ProtocolTypeRouter(
         "websocket": allowed_hosts_origin_validator(URLRouter(websocket_urlpatterns)),
     }
 )
+
+from django.conf import settings  # noqa: E402
+
+from llm.providers import get_provider  # noqa: E402
+
+# Import the providers of the served models now: importing google-genai takes
+# a few hundred ms, which the first requests would otherwise wait for.
+for _model in settings.LLM_MODELS:
+    get_provider(_model)
+# The objects built so far live as long as the process. Frozen, they are left
+# out of full garbage collections, which otherwise scan them all and pause the
+# event loop for tens of ms.
+gc.freeze()

@@ -28,7 +28,12 @@ from llm.keys import (
     api_key_from_header_async,
     websocket_bearer_token,
 )
-from llm.limits import RateLimitDecision, check_request_async, record_usage_async
+from llm.limits import (
+    UNLIMITED,
+    RateLimitDecision,
+    check_request_async,
+    record_usage_async,
+)
 from llm.models import ApiKey
 from llm.providers.base import Usage
 
@@ -40,7 +45,11 @@ async def request_api_key(request: HttpRequest) -> ApiKey | None:
     The query string is never read, because URLs end up in access logs.
     Raises ApiKeyMissing, ApiKeyInvalid or ApiKeyRevoked (all 401).
     """
-    return await api_key_from_header_async(request.headers.get("Authorization"))
+    authorization = request.headers.get("Authorization")
+    if authorization is None and settings.GATEWAY_AUTH == "off":
+        # Nothing to look up, so skip the database call's thread hop.
+        return None
+    return await api_key_from_header_async(authorization)
 
 
 async def websocket_api_key(scope: dict) -> ApiKey | None:
@@ -64,6 +73,9 @@ async def admit_model_call(key: ApiKey | None, model: str) -> RateLimitDecision:
     (403), or RateLimited or BudgetExceeded (429) with the values attached.
     """
     api_key_check_model(key, model)
+    if key is None:
+        # Requests without a key (GATEWAY_AUTH=off) have no limits to count.
+        return UNLIMITED
     return await check_request_async(key)
 
 
@@ -72,7 +84,7 @@ async def record_model_usage(key: ApiKey | None, cache_status: str, usage: Usage
 
     A cached response cost the provider nothing, so a cache hit adds nothing.
     """
-    if cache_status.startswith("hit"):
+    if key is None or cache_status.startswith("hit"):
         return
     await record_usage_async(key, usage.total_tokens)
 
