@@ -8,11 +8,12 @@ clients that close a connection before the response is complete.
 
 Run it alone for benchmarks::
 
-    python -m tests.fake_gemini --port 8765 --chunks 20 --chunk-delay 0.05
+    python -m tests.fake_gemini --port 8765 --chunks 20 --chunk-delay 0.05 --stamp
 """
 
 import argparse
 import json
+import re
 import select
 import signal
 import socket
@@ -48,6 +49,8 @@ ERROR_MESSAGES = {
 }
 # How often a waiting handler checks whether the server is stopping.
 _POLL_SECONDS = 0.05
+# The send-time stamp that ``Reply(stamp=True)`` puts before a chunk's text.
+_STAMP = re.compile(r"<t=(\d+\.\d+)>")
 
 
 @dataclass
@@ -79,6 +82,11 @@ class Reply:
     # Append the text of the request's last user turn as one more chunk, so a
     # client can check that a response belongs to its own request.
     echo: bool = False
+    # Streams only: start the text of each chunk with "<t=SECONDS>", the
+    # time.time() just before the event is written, so a client on the same
+    # machine can measure how long the chunk took to reach it. split_stamp
+    # parses it. Events without text carry no stamp.
+    stamp: bool = False
 
     @property
     def text(self) -> str:
@@ -165,6 +173,24 @@ def stream_events(reply: Reply, model: str) -> list[dict]:
             event["usageMetadata"] = _usage(reply, len(reply.chunks))
         events.append(event)
     return events
+
+
+def stamp_event(event: dict, seconds: float) -> None:
+    """Put the send-time stamp ``<t=SECONDS>`` before each text part of an event."""
+    for candidate in event.get("candidates", []):
+        for part in candidate.get("content", {}).get("parts", []):
+            part["text"] = f"<t={seconds:.6f}>{part['text']}"
+
+
+def split_stamp(text: str) -> tuple[float | None, str]:
+    """Return the send time stamped at the start of ``text`` and the text after it.
+
+    The time is None when ``text`` does not start with a stamp.
+    """
+    match = _STAMP.match(text)
+    if match is None:
+        return None, text
+    return float(match.group(1)), text[match.end() :]
 
 
 def _blocked_body(reply: Reply, model: str) -> dict:
@@ -364,6 +390,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 if index and reply.chunk_delay and not self._wait(reply.chunk_delay):
                     return
+                if reply.stamp:
+                    stamp_event(event, time.time())
                 self._write_chunk(f"data: {json.dumps(event)}\r\n\r\n".encode())
             self._write_chunk(b"")
         except (BrokenPipeError, ConnectionResetError):
@@ -482,12 +510,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--delay", type=float, default=0.0, help="seconds before each response"
     )
+    parser.add_argument(
+        "--stamp",
+        action="store_true",
+        help='start each streamed chunk with its send time, as "<t=SECONDS>"',
+    )
     args = parser.parse_args(argv)
 
     reply = Reply(
         chunks=[f"token{index} " for index in range(args.chunks)],
         delay=args.delay,
         chunk_delay=args.chunk_delay,
+        stamp=args.stamp,
     )
     fake = FakeGemini(port=args.port, default_reply=reply)
     stopped = threading.Event()

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -9,7 +10,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from tests.fake_gemini import Reply
+from tests.fake_gemini import Reply, split_stamp
 
 MODEL = "gemini-3.5-flash"
 
@@ -99,6 +100,30 @@ async def test_echo_appends_last_user_text(fake_gemini):
     assert whole.text == "You said: second question"
     assert [event.text for event in events] == ["You said: ", "streamed question"]
     assert events[-1].usage_metadata.candidates_token_count == 2
+
+
+async def test_stamp_starts_chunks_with_send_time(fake_gemini):
+    fake_gemini.enqueue(Reply(chunks=["a", "b", "c"], chunk_delay=0.01, stamp=True))
+    client = sdk_client(fake_gemini)
+    before = time.time()
+
+    stream = await client.aio.models.generate_content_stream(model=MODEL, contents="x")
+    events = [event async for event in stream]
+    after = time.time()
+
+    stamps, texts = zip(*(split_stamp(event.text) for event in events), strict=True)
+    assert texts == ("a", "b", "c")
+    assert None not in stamps
+    assert before <= stamps[0] <= stamps[1] <= stamps[2] <= after
+
+
+def test_split_stamp_leaves_plain_text_alone():
+    assert split_stamp("token1 ") == (None, "token1 ")
+    assert split_stamp("<t=1733330000.123456>token1 ") == (1733330000.123456, "token1 ")
+    assert split_stamp("token1 <t=1733330000.123456>") == (
+        None,
+        "token1 <t=1733330000.123456>",
+    )
 
 
 def test_empty_answer_has_finish_reason_only(fake_gemini):
@@ -222,3 +247,26 @@ def test_standalone_mode_serves_configured_chunks():
     text = response.json()["candidates"][0]["content"]["parts"][0]["text"]
     assert text == "token0 token1 token2 token3 "
     assert "requests received: 1," in output
+
+
+def test_standalone_stamp_option_stamps_stream_chunks():
+    command = [sys.executable, "-m", "tests.fake_gemini", "--chunks", "2", "--stamp"]
+    process = subprocess.Popen(
+        command, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        base_url = process.stdout.readline().split()[-1]
+        client = genai.Client(
+            api_key="fake-key", http_options=types.HttpOptions(base_url=base_url)
+        )
+
+        events = list(client.models.generate_content_stream(model=MODEL, contents="x"))
+        whole = client.models.generate_content(model=MODEL, contents="x")
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+    stamps, texts = zip(*(split_stamp(event.text) for event in events), strict=True)
+    assert texts == ("token0 ", "token1 ")
+    assert None not in stamps
+    assert whole.text == "token0 token1 "
