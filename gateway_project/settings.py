@@ -329,6 +329,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 GEMINI_API_KEY = env_str("GEMINI_API_KEY")
 GEMINI_BASE_URL = env_str("GEMINI_BASE_URL")
 GEMINI_TIMEOUT_SECONDS = env_float("GEMINI_TIMEOUT_SECONDS", 60.0, minimum=0.1)
+# Connections open to Gemini at once, per process. Each stream holds one for
+# its whole length. Calls beyond the limit wait for a free connection.
+GEMINI_MAX_CONNECTIONS = env_int("GEMINI_MAX_CONNECTIONS", 1000, minimum=1)
 # Retries of 429, 5xx and network errors stop once this much time has passed.
 UPSTREAM_RETRY_MAX_SECONDS = env_float("UPSTREAM_RETRY_MAX_SECONDS", 8.0, minimum=0)
 

@@ -398,3 +398,48 @@ async def test_client_follows_settings_changes(provider, fake_gemini, settings):
 
     assert fake_gemini.calls[0].headers["x-goog-api-key"] == "test-gemini-key"
     assert fake_gemini.calls[1].headers["x-goog-api-key"] == "other-key"
+
+
+async def test_streams_beyond_httpx_default_pool_run_at_once(provider, fake_gemini):
+    # httpx's default pool has 100 connections. The second chunk of each
+    # stream comes a minute later, so a stream that has to wait for a free
+    # connection gets no first chunk before the deadline below.
+    count = 120
+    fake_gemini.default_reply = Reply(chunks=["first", "second"], chunk_delay=60)
+    streams = [provider.stream(chat_request()) for _ in range(count)]
+
+    try:
+        async with asyncio.timeout(30):
+            firsts = await asyncio.gather(*(anext(stream) for stream in streams))
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+    assert firsts == ["first"] * count
+    assert fake_gemini.call_count == count
+
+
+async def test_max_connections_setting_limits_pool(provider, fake_gemini, settings):
+    settings.GEMINI_MAX_CONNECTIONS = 2
+    fake_gemini.default_reply = Reply(chunks=["first", "second"], chunk_delay=60)
+    streams = [provider.stream(chat_request()) for _ in range(3)]
+    assert await anext(streams[0]) == "first"
+    assert await anext(streams[1]) == "first"
+
+    try:
+        third = asyncio.ensure_future(anext(streams[2]))
+        # Nothing can signal that a request is waiting for a connection, so
+        # the third stream gets a short while in which it must not start.
+        done, _ = await asyncio.wait([third], timeout=0.5)
+        calls_while_full = fake_gemini.call_count
+        await streams[0].aclose()
+        async with asyncio.timeout(30):
+            third_first = await third
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+    assert not done
+    assert calls_while_full == 2
+    assert third_first == "first"
+    assert fake_gemini.call_count == 3

@@ -368,7 +368,7 @@ class _RetrySchedule:
 
 @functools.lru_cache(maxsize=8)
 def _cached_client(
-    api_key: str, base_url: str | None, timeout_seconds: float
+    api_key: str, base_url: str | None, timeout_seconds: float, max_connections: int
 ) -> genai.Client:
     options = types.HttpOptions(
         base_url=base_url,
@@ -377,8 +377,26 @@ def _cached_client(
         timeout=round(timeout_seconds * 1000),
         # One attempt per SDK call: the adapter's own loop does the retries.
         retry_options=types.HttpRetryOptions(attempts=1),
+        async_client_args={"limits": _connection_limits(max_connections)},
     )
     return genai.Client(api_key=api_key, vertexai=False, http_options=options)
+
+
+def _connection_limits(max_connections: int):
+    """Build the connection pool limits of the SDK's async HTTP client.
+
+    httpx and httpx2 both default to 100 connections, so without this a
+    101st concurrent stream would wait for another stream to end. Idle
+    connections are kept up to the same limit, because a burst of streams
+    would otherwise reconnect all but 20 of them.
+    """
+    # httpx2 first, as the SDK (google-genai 3.6) prefers it. Both clients
+    # read only the attributes of the limits object, so either works with
+    # either client.
+    module = httpx2 or httpx
+    return module.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
 
 
 def _sdk_client() -> genai.Client:
@@ -390,7 +408,10 @@ def _sdk_client() -> genai.Client:
             "operator must set it."
         )
     return _cached_client(
-        api_key, settings.GEMINI_BASE_URL, settings.GEMINI_TIMEOUT_SECONDS
+        api_key,
+        settings.GEMINI_BASE_URL,
+        settings.GEMINI_TIMEOUT_SECONDS,
+        settings.GEMINI_MAX_CONNECTIONS,
     )
 
 
