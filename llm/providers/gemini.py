@@ -90,6 +90,12 @@ _VENDOR_FIELDS = (
     ("contents", "prompt"),
 )
 _MAX_VENDOR_MESSAGE_CHARS = 300
+# Idle connections kept open to Gemini: httpx's default. The pool (httpcore2
+# 2.16) checks the socket of every idle connection each time a request starts
+# or ends, so keeping as many idle as may be open made each of the last
+# streams of a 500-stream burst check hundreds of sockets. In bench/ws_streams
+# that cost the gateway 0.75 s more CPU than this limit.
+_MAX_IDLE_CONNECTIONS = 20
 
 
 class GeminiProvider(Provider):
@@ -386,16 +392,15 @@ def _connection_limits(max_connections: int):
     """Build the connection pool limits of the SDK's async HTTP client.
 
     httpx and httpx2 both default to 100 connections, so without this a
-    101st concurrent stream would wait for another stream to end. Idle
-    connections are kept up to the same limit, because a burst of streams
-    would otherwise reconnect all but 20 of them.
+    101st concurrent stream would wait for another stream to end.
     """
     # httpx2 first, as the SDK (google-genai 3.6) prefers it. Both clients
     # read only the attributes of the limits object, so either works with
     # either client.
     module = httpx2 or httpx
     return module.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections
+        max_connections=max_connections,
+        max_keepalive_connections=_MAX_IDLE_CONNECTIONS,
     )
 
 
