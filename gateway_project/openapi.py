@@ -1,12 +1,13 @@
 """The OpenAPI document of the REST API, served at /schema and /docs.
 
 drf-spectacular introspects DRF views. The extensions here add the response
-shapes that the prompt and health views do not declare, so those views carry
-no schema code. The chat and metrics views are plain async Django views, which
-drf-spectacular skips. ``add_plain_view_endpoints`` therefore adds them as
-documentation-only APIView classes that name the same request serializers, so
-drf-spectacular builds their schemas with its own machinery. ``add_security``
-then adds the bearer scheme and the X-Request-ID header to every operation.
+shapes that the prompt and readiness views do not declare, so those views
+carry no schema code. The chat, metrics and health views are plain async
+Django views, which drf-spectacular skips. ``add_plain_view_endpoints``
+therefore adds them as documentation-only APIView classes that name the same
+request serializers, so drf-spectacular builds their schemas with its own
+machinery. ``add_security`` then adds the bearer scheme and the X-Request-ID
+header to every operation.
 """
 
 from django.conf import settings
@@ -28,6 +29,7 @@ from drf_spectacular.utils import (
 from rest_framework import serializers
 from rest_framework.views import APIView
 
+from gateway_project import views as gateway_views
 from llm import views as llm_views
 from llm.providers.base import FINISH_REASONS
 from llm.serializers import ChatRequestSerializer, PromptChatRequestSerializer
@@ -364,8 +366,20 @@ class MetricsSchema(APIView):
         API key is required unless METRICS_PUBLIC is true."""
 
 
+class HealthSchema(APIView):
+    @extend_schema(
+        operation_id="health",
+        summary="Report that the process is up",
+        tags=["operations"],
+        responses={200: HealthSerializer},
+    )
+    def get(self, request):
+        """Checks no dependency: GET /ready checks the database and Redis."""
+
+
 # The plain Django views and the classes that describe them.
 PLAIN_VIEW_SCHEMAS = {
+    gateway_views.health: HealthSchema,
     llm_views.chat: ChatSchema,
     llm_views.chat_stream_view: ChatStreamSchema,
     llm_views.prompt_chat: PromptChatSchema,
@@ -529,21 +543,6 @@ class PromptRenderApiSchema(OpenApiViewExtension):
                     200: PromptRenderResponseSerializer,
                     **error_responses(400, 401, 403, 404, 415, 500),
                 },
-            ),
-        )
-
-
-class HealthSchema(OpenApiViewExtension):
-    target_class = "gateway_project.views.health"
-
-    def view_replacement(self):
-        return annotated(
-            self.target,
-            get=extend_schema(
-                operation_id="health",
-                summary="Report that the process is up",
-                tags=["operations"],
-                responses={200: HealthSerializer},
             ),
         )
 

@@ -2,18 +2,35 @@ import logging
 
 from django.conf import settings
 from django.db import DatabaseError, connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 
-from gateway_project.errors import error_body
+from gateway_project.errors import ApiError, error_body, json_error_response
 
 logger = logging.getLogger(__name__)
 
 
-@api_view(["GET"])
-def health(request):
-    """Report that the process is up; it checks no dependency."""
-    return Response({"status": "ok"})
+# Exempt from CSRF checks, so a POST gets the 405 below instead of a CSRF 403.
+@csrf_exempt
+async def health(request: HttpRequest) -> HttpResponse:
+    """Report that the process is up. It checks no dependency.
+
+    The view is async, so it runs on the event loop and never waits for a
+    worker thread. A CPU-bound call that holds the GIL still delays it.
+    """
+    if request.method not in ("GET", "HEAD"):
+        response = json_error_response(
+            ApiError(
+                f"{request.method} is not allowed on {request.path}; use GET.",
+                code="method_not_allowed",
+                status_code=405,
+            )
+        )
+        response["Allow"] = "GET, HEAD"
+        return response
+    return JsonResponse({"status": "ok"})
 
 
 def _check_database() -> str | None:

@@ -9,6 +9,29 @@ def test_health_returns_ok():
     assert response.json() == {"status": "ok"}
 
 
+def test_health_answers_head_without_body():
+    response = Client().head("/health")
+
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+def test_health_rejects_post_with_405():
+    response = Client(enforce_csrf_checks=True).post(
+        "/health", headers={"X-Request-ID": "r1"}
+    )
+
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
+    assert response.json() == {
+        "error": {
+            "code": "method_not_allowed",
+            "message": "POST is not allowed on /health; use GET.",
+        },
+        "request_id": "r1",
+    }
+
+
 @pytest.mark.django_db
 def test_ready_reports_database_and_redis():
     response = Client().get("/ready")
