@@ -15,6 +15,7 @@ import logging
 import uuid
 from contextlib import aclosing
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from django.conf import settings
 
@@ -41,6 +42,20 @@ _CANCEL_WAIT_SECONDS = 5.0
 
 
 class ChatConsumer(LayerTolerantConsumer):
+    async def dispatch(self, message):
+        """Call the handler of ``message`` as Channels does, minus its thread hop.
+
+        Channels 4.3 first closes stale database connections in the one
+        thread that runs database_sync_to_async calls, for every frame. Under
+        load each frame then waits its turn for that thread. Every database
+        call of this consumer runs through database_sync_to_async, which
+        closes stale connections itself before and after.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']!r}")
+        await handler(message)
+
     async def connect(self):
         self.requests: dict[str, asyncio.Task] = {}
         self.cancel_requested: set[str] = set()

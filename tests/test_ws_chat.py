@@ -1,8 +1,10 @@
 """The chat websocket streams model answers token by token, several at once."""
 
 import asyncio
+import threading
 
 import pytest
+from channels.db import database_sync_to_async
 
 from llm.metrics import REGISTRY
 from tests.fake_gemini import Reply
@@ -194,6 +196,27 @@ async def test_cancel_closes_upstream_and_caches_nothing(fake_gemini):
     assert second[-1]["cached"] is False
     assert "".join(tokens(second, "k2")) == "Hello from the fake"
     assert fake_gemini.call_count == 2
+
+
+async def test_cancel_is_served_while_database_thread_busy(fake_gemini):
+    fake_gemini.enqueue(Reply(chunks=["a", "b", "c", "d"], chunk_delay=0.5))
+    release = threading.Event()
+
+    async with chat_socket() as socket:
+        await socket.send_json_to({"type": "chat", "id": "b", "prompt": "Count"})
+        assert (await receive(socket))["type"] == "start"
+        assert (await receive(socket))["type"] == "token"
+        # database_sync_to_async runs every call in one thread: keep it busy.
+        busy = asyncio.ensure_future(database_sync_to_async(release.wait)())
+        try:
+            await socket.send_json_to({"type": "cancel", "id": "b"})
+            after_cancel = await receive_until_end(socket, "b")
+        finally:
+            release.set()
+            await busy
+
+    assert after_cancel[-1] == {"type": "cancelled", "id": "b"}
+    assert "done" not in [frame["type"] for frame in after_cancel]
 
 
 async def test_cancel_of_unknown_id_is_an_error(fake_gemini):
