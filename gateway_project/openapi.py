@@ -57,7 +57,9 @@ ERROR_DESCRIPTIONS = {
     "the model provider is rate limiting the gateway (code upstream_rate_limited). "
     "Retry-After gives the seconds to wait.",
     500: "The gateway failed unexpectedly (code internal_error). The gateway's "
-    "log has the traceback under the request id.",
+    "log has the traceback under the request id. On prompt endpoints, also a "
+    "prompt version that breaks the template sandbox's rules (code "
+    "prompt_invalid).",
     502: "The model provider rejected the gateway's credentials "
     "(code upstream_auth_failed) or returned an unusable response "
     "(code upstream_error).",

@@ -244,6 +244,8 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 PROMPTS_DIR = Path(env_str("PROMPTS_DIR", str(BASE_DIR / "fixtures" / "prompts")))
+# sync_prompts rejects a prompt file larger than this, in bytes, before parsing it.
+PROMPT_FILE_MAX_BYTES = env_int("PROMPT_FILE_MAX_BYTES", 256 * 1024, minimum=1024)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

@@ -10,16 +10,22 @@ import hashlib
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from django.conf import settings
 from jinja2 import TemplateSyntaxError
 
 from prompts_registry.templating import (
+    BLOCKED_GLOBALS,
     RESERVED_NAMES,
     VARIABLE_TYPES,
+    blocked_uses,
+    fixed_text_length,
     json_type_name,
+    parse_template,
     template_variables,
     type_mismatch,
 )
@@ -42,6 +48,14 @@ KEYS = (
 )
 REQUIRED_KEYS = ("name", "version", "description", "template")
 VARIABLE_KEYS = ("type", "default", "description")
+# The length limit that every render of each template key must fit.
+TEMPLATE_LIMITS = {
+    "template": "CHAT_MAX_PROMPT_CHARS",
+    "system": "CHAT_MAX_SYSTEM_CHARS",
+}
+# A prompt file nests four levels deep at most outside variable defaults.
+# The limit keeps the recursive YAML composer far from Python's recursion limit.
+MAX_YAML_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,10 @@ def load_prompt_folder(root: Path) -> PromptFolder:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
+            outside = _link_outside_root(entry, root)
+            if outside is not None:
+                folder.errors.append(outside)
+                continue
             _load_prompt_subfolder(entry, root, folder)
         elif entry.suffix in (".yaml", ".yml"):
             message = (
@@ -180,11 +198,18 @@ def load_prompt_file(path: Path, *, root: Path) -> PromptFile:
     Raises InvalidPromptFile listing every problem found in the file.
     """
     display_path = str(path)
+    outside = _link_outside_root(path, root)
+    if outside is not None:
+        raise InvalidPromptFile([outside])
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = _read_limited(path).decode("utf-8")
     except UnicodeDecodeError as error:
         message = f"is not valid UTF-8 (byte {error.start}): save the file as UTF-8."
         raise InvalidPromptFile([PromptFileError(display_path, message)]) from None
+    except _FileRejected as rejected:
+        raise InvalidPromptFile(
+            [PromptFileError(display_path, str(rejected))]
+        ) from None
     except OSError as error:
         message = f"could not be read: {error.strerror}."
         raise InvalidPromptFile([PromptFileError(display_path, message)]) from None
@@ -218,6 +243,45 @@ def load_prompt_file(path: Path, *, root: Path) -> PromptFile:
     )
 
 
+class _FileRejected(Exception):
+    """Raised with the reason why a prompt file is not read at all."""
+
+
+def _read_limited(path: Path) -> bytes:
+    """Return the bytes of a regular file no larger than PROMPT_FILE_MAX_BYTES."""
+    limit = settings.PROMPT_FILE_MAX_BYTES
+    # Opening a named pipe would block until something writes to it.
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise _FileRejected("is not a regular file: replace it with a YAML file.")
+    if info.st_size <= limit:
+        with path.open("rb") as file:
+            # One byte past the limit shows a file that grew after the stat.
+            data = file.read(limit + 1)
+        if len(data) <= limit:
+            return data
+    raise _FileRejected(
+        f"is larger than PROMPT_FILE_MAX_BYTES ({limit} bytes): shorten the "
+        "prompt, or raise PROMPT_FILE_MAX_BYTES."
+    )
+
+
+def _link_outside_root(path: Path, root: Path) -> PromptFileError | None:
+    """Return an error when ``path`` resolves to a place outside ``root``.
+
+    A symbolic link inside the prompts folder could otherwise make
+    sync_prompts read, and store as a prompt, any file the process can read.
+    """
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return PromptFileError(
+        str(path),
+        f"is a symbolic link to {target}, outside {root}: copy the file or "
+        "folder into the prompts folder instead.",
+    )
+
+
 def content_hash(content: dict) -> str:
     """Return the sha256 of the content as canonical JSON.
 
@@ -239,10 +303,13 @@ def _parse_yaml(
     ``yaml.safe_load`` silently keeps the last of two equal keys. Composing
     the node tree first lets duplicates be rejected and keys be located.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _PromptFileLoader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except _StructureRejected as error:
+        message = f"{error.problem}."
+        return None, {}, [PromptFileError(display_path, message, line=error.line)]
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         problem = error.problem or "could not be parsed"
@@ -260,18 +327,62 @@ def _parse_yaml(
     key_lines: dict[str, int] = {}
     errors: list[PromptFileError] = []
     if node is not None:
-        _collect_key_lines(node, "", key_lines, errors, display_path, set())
+        _collect_key_lines(node, "", key_lines, errors, display_path)
     return data, key_lines, errors
 
 
-def _collect_key_lines(node, prefix, key_lines, errors, display_path, visited):
-    # Aliases can make the node graph cyclic, so each node is walked once.
-    if id(node) in visited:
-        return
-    visited.add(id(node))
+class _StructureRejected(yaml.YAMLError):
+    """Raised when a prompt file uses YAML that the loader does not accept."""
+
+    def __init__(self, problem: str, mark: yaml.Mark):
+        super().__init__(problem)
+        self.problem = problem
+        self.line = mark.line + 1
+
+
+class _PromptFileLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases, and with a nesting limit.
+
+    Each alias repeats its anchor's whole value, so a few lines of nested
+    aliases expand to gigabytes (the "billion laughs" attack). Prompt files
+    have no need for them, so the first anchor or alias stops the parse
+    before anything is expanded.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _StructureRejected(
+                f"uses the YAML alias *{event.anchor}: prompt files may not use "
+                "anchors or aliases, so write the value out in full",
+                event.start_mark,
+            )
+        if getattr(event, "anchor", None) is not None:
+            raise _StructureRejected(
+                f"defines the YAML anchor &{event.anchor}: prompt files may not use "
+                "anchors or aliases, so write the value out in full",
+                event.start_mark,
+            )
+        if self.depth >= MAX_YAML_DEPTH:
+            raise _StructureRejected(
+                f"nests values more than {MAX_YAML_DEPTH} levels deep: flatten them",
+                event.start_mark,
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _collect_key_lines(node, prefix, key_lines, errors, display_path):
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _collect_key_lines(item, prefix, key_lines, errors, display_path, visited)
+            _collect_key_lines(item, prefix, key_lines, errors, display_path)
         return
     if not isinstance(node, yaml.MappingNode):
         return
@@ -291,7 +402,7 @@ def _collect_key_lines(node, prefix, key_lines, errors, display_path, visited):
             continue
         seen.add(key_node.value)
         key_lines[key] = line
-        _collect_key_lines(value_node, key, key_lines, errors, display_path, visited)
+        _collect_key_lines(value_node, key, key_lines, errors, display_path)
 
 
 class _DocumentChecker:
@@ -489,7 +600,7 @@ class _DocumentChecker:
             if not isinstance(source, str):
                 continue
             try:
-                used = template_variables(source)
+                ast = parse_template(source)
             except TemplateSyntaxError as error:
                 self.error(
                     key,
@@ -497,13 +608,33 @@ class _DocumentChecker:
                     f"{error.lineno} of the {key}).",
                 )
                 continue
-            undeclared = sorted(used - declared)
+            self._check_template_safety(key, ast)
+            undeclared = sorted(template_variables(ast) - declared)
             if undeclared:
                 self.error(
                     key,
                     f"uses undeclared variables: {', '.join(undeclared)}. Declare "
                     f"them under variables, or remove them from the {key}.",
                 )
+
+    def _check_template_safety(self, key: str, ast) -> None:
+        """Record the uses the sandbox blocks and fixed text that cannot fit."""
+        uses = [f"{use} (line {line} of the {key})" for use, line in blocked_uses(ast)]
+        if uses:
+            self.error(
+                key,
+                f"uses {', '.join(uses)}. Prompt templates may not read dunder "
+                f"attributes, nor use {', '.join(BLOCKED_GLOBALS)}: remove them.",
+            )
+        setting = TEMPLATE_LIMITS[key]
+        limit = getattr(settings, setting)
+        length = fixed_text_length(ast)
+        if length > limit:
+            self.error(
+                key,
+                f"has {length} characters of fixed text, more than {setting} "
+                f"({limit}), so every render would be rejected: shorten the {key}.",
+            )
 
 
 def _unknown_key_message(key: str, allowed) -> str:

@@ -1,14 +1,30 @@
 """Reads of the prompt registry, including rendering a prompt for a model call."""
 
+import logging
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.db.models import Count, QuerySet
 from jinja2 import TemplateError
+from jinja2.sandbox import SecurityError
+from rest_framework import status
 
-from gateway_project.errors import InvalidField, NotFound
+from gateway_project.errors import ApiError, InvalidField, NotFound
 from prompts_registry.models import Prompt, PromptVersion
 from prompts_registry.templating import compiled_template, type_mismatch
+
+logger = logging.getLogger(__name__)
+
+
+class PromptVersionInvalid(ApiError):
+    """Raised when a synced prompt version breaks the template sandbox's rules.
+
+    The fault lies with the prompt file, not with the request, so the status
+    is 500 and the message asks an operator to fix the prompt.
+    """
+
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    default_code = "prompt_invalid"
 
 
 @dataclass(frozen=True)
@@ -89,24 +105,20 @@ def prompt_render(
 ) -> RenderedPrompt:
     """Render a prompt's active version, or ``version``, with ``variables``.
 
-    Raises NotFound for an unknown prompt or version, and
+    Raises NotFound for an unknown prompt or version,
     InvalidField(field="variables.<name>") for a missing, undeclared or
-    wrongly typed variable.
+    wrongly typed variable, InvalidField(field="variables") for values the
+    template cannot render or that make the text too long, and
+    PromptVersionInvalid when the template breaks the sandbox's rules.
     """
     prompt_version = prompt_version_get(name=name, version=version)
     context = _template_context(prompt_version, variables)
     label = f"{name} v{prompt_version.version}"
 
-    user = _render(prompt_version.template, context, label)
+    user = _render(prompt_version.template, context, label, "CHAT_MAX_PROMPT_CHARS")
     system = None
     if prompt_version.system:
-        system = _render(prompt_version.system, context, label)
-
-    _check_length(user, settings.CHAT_MAX_PROMPT_CHARS, "CHAT_MAX_PROMPT_CHARS", label)
-    if system is not None:
-        _check_length(
-            system, settings.CHAT_MAX_SYSTEM_CHARS, "CHAT_MAX_SYSTEM_CHARS", label
-        )
+        system = _render(prompt_version.system, context, label, "CHAT_MAX_SYSTEM_CHARS")
     return RenderedPrompt(
         name=name,
         version=prompt_version.version,
@@ -151,23 +163,43 @@ def _template_context(prompt_version: PromptVersion, variables: dict) -> dict:
     return context
 
 
-def _render(source: str, context: dict, label: str) -> str:
-    # Types are checked already, so a failure here comes from a value the
-    # template cannot handle (an untyped variable used as a number, say).
+def _render(source: str, context: dict, label: str, limit_setting: str) -> str:
+    """Render ``source``, stopping as soon as the text passes the length limit.
+
+    The text is produced piece by piece, so a loop that would print gigabytes
+    fails after the first piece over the limit.
+    """
+    limit = getattr(settings, limit_setting)
+    pieces = []
+    length = 0
     try:
-        return compiled_template(source).render(context)
+        for piece in compiled_template(source).generate(context):
+            length += len(piece)
+            if length > limit:
+                raise InvalidField(
+                    f"The rendered prompt {label} has more than {limit_setting} "
+                    f"({limit}) characters: shorten the variables.",
+                    field="variables",
+                )
+            pieces.append(piece)
+    except SecurityError as error:
+        # sync_prompts rejects the dunder attributes it finds in a template,
+        # so this is one it cannot find (an attribute named by a variable, or
+        # a version synced before that check existed).
+        logger.error("Prompt %s failed the template sandbox: %s", label, error)
+        raise PromptVersionInvalid(
+            f"The prompt {label} uses something the template sandbox blocks, so it "
+            "cannot render. An operator must fix the prompt file and sync a new "
+            "version, or activate another version."
+        ) from None
     except (TemplateError, TypeError, ValueError, ArithmeticError) as error:
+        # Types are checked already, so a failure here comes from a value the
+        # template cannot handle (an untyped variable used as a number, say),
+        # or from a value that makes '*' or '**' build too much
+        # (TemplateLimitExceeded).
         raise InvalidField(
-            f"Rendering the prompt {label} failed with these variables: {error}. "
-            "Check the variable values.",
+            f"Rendering the prompt {label} failed with these variables: "
+            f"{str(error).rstrip('.')}. Check the variable values.",
             field="variables",
         ) from None
-
-
-def _check_length(text: str, limit: int, setting: str, label: str) -> None:
-    if len(text) > limit:
-        raise InvalidField(
-            f"The rendered prompt {label} has {len(text)} characters, more than "
-            f"{setting} ({limit}): shorten the variables.",
-            field="variables",
-        )
+    return "".join(pieces)

@@ -1,5 +1,6 @@
 """Validation of prompt files, without a database."""
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -303,6 +304,58 @@ INVALID_FILES = {
             "and template."
         ],
     ),
+    "YAML anchor": (
+        VALID.replace("default: 10", "default: &ten 10"),
+        [
+            "{path}:16: defines the YAML anchor &ten: prompt files may not use "
+            "anchors or aliases, so write the value out in full."
+        ],
+    ),
+    "YAML alias": (
+        VALID.replace("default: 10", "default: *ten"),
+        [
+            "{path}:16: uses the YAML alias *ten: prompt files may not use "
+            "anchors or aliases, so write the value out in full."
+        ],
+    ),
+    "YAML merge key": (
+        VALID + "extra: {<<: *base}\n",
+        [
+            "{path}:17: uses the YAML alias *base: prompt files may not use "
+            "anchors or aliases, so write the value out in full."
+        ],
+    ),
+    "nesting too deep": (
+        VALID.replace("default: 10", "default: " + "[" * 40 + "]" * 40),
+        ["{path}:16: nests values more than 32 levels deep: flatten them."],
+    ),
+    "template reads a dunder attribute": (
+        VALID.replace("{{ who }}", "{{ who.__class__ }}"),
+        [
+            "{path}:5: template: uses the attribute __class__ (line 1 of the "
+            "template). Prompt templates may not read dunder attributes, nor use "
+            "cycler, joiner, lipsum, namespace: remove them."
+        ],
+    ),
+    "template reads dunders by item and attr filter": (
+        VALID.replace(
+            "{{ who }}", "{{ who['__class__'] }}\n  {{ who | attr('__doc__') }}"
+        ),
+        [
+            "{path}:5: template: uses the attribute __class__ (line 1 of the "
+            "template), the attribute __doc__ (line 2 of the template). Prompt "
+            "templates may not read dunder attributes, nor use cycler, joiner, "
+            "lipsum, namespace: remove them."
+        ],
+    ),
+    "system uses lipsum": (
+        VALID.replace("You are friendly.", "You are {{ lipsum(1) }}."),
+        [
+            "{path}:4: system: uses lipsum (line 1 of the system). Prompt "
+            "templates may not read dunder attributes, nor use cycler, joiner, "
+            "lipsum, namespace: remove them."
+        ],
+    ),
 }
 
 
@@ -328,6 +381,157 @@ def test_file_that_is_not_utf8_is_rejected(tmp_path):
     assert errors == [
         f"{path}: is not valid UTF-8 (byte {len(VALID) + 5}): save the file as UTF-8."
     ]
+
+
+def test_billion_laughs_is_rejected_before_expansion(tmp_path):
+    # Nine levels of nine aliases each would expand to 9**9 strings.
+    lines = ['  a0: &a0 "lol"']
+    for level in range(1, 10):
+        aliases = ", ".join([f"*a{level - 1}"] * 9)
+        lines.append(f"  a{level}: &a{level} [{aliases}]")
+    bomb = "\n".join(lines)
+    text = VALID + f"  bomb:\n    default:\n{textwrap.indent(bomb, '    ')}\n"
+    path = write(tmp_path, "greeting/v1.yaml", text)
+
+    errors = errors_of(path, tmp_path)
+
+    assert errors == [
+        f"{path}:19: defines the YAML anchor &a0: prompt files may not use "
+        "anchors or aliases, so write the value out in full."
+    ]
+
+
+def test_file_over_size_limit_is_rejected(tmp_path, settings):
+    settings.PROMPT_FILE_MAX_BYTES = 1024
+    padding = "# padding\n" * 103
+    path = write(tmp_path, "greeting/v1.yaml", VALID + padding)
+
+    errors = errors_of(path, tmp_path)
+
+    assert errors == [
+        f"{path}: is larger than PROMPT_FILE_MAX_BYTES (1024 bytes): shorten the "
+        "prompt, or raise PROMPT_FILE_MAX_BYTES."
+    ]
+
+
+def test_file_at_size_limit_is_read(tmp_path, settings):
+    settings.PROMPT_FILE_MAX_BYTES = 1024
+    padding = "#" * (1024 - len(VALID) - 1) + "\n"
+    path = write(tmp_path, "greeting/v1.yaml", VALID + padding)
+
+    prompt = load_prompt_file(path, root=tmp_path)
+
+    assert path.stat().st_size == 1024
+    assert prompt.name == "greeting"
+
+
+def test_named_pipe_is_rejected_without_reading(tmp_path):
+    path = tmp_path / "greeting" / "v1.yaml"
+    path.parent.mkdir()
+    os.mkfifo(path)
+
+    errors = errors_of(path, tmp_path)
+
+    assert errors == [f"{path}: is not a regular file: replace it with a YAML file."]
+
+
+def test_symlinked_file_outside_root_is_rejected(tmp_path):
+    outside = write(tmp_path, "elsewhere/greeting.yaml", VALID)
+    root = tmp_path / "prompts"
+    link = root / "greeting" / "v1.yaml"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+
+    folder = load_prompt_folder(root)
+
+    assert [str(error) for error in folder.errors] == [
+        f"{link}: is a symbolic link to {outside}, outside {root}: copy the file "
+        "or folder into the prompts folder instead."
+    ]
+    assert folder.files == []
+
+
+def test_symlinked_folder_outside_root_is_rejected(tmp_path):
+    write(tmp_path, "elsewhere/greeting/v1.yaml", VALID)
+    root = tmp_path / "prompts"
+    root.mkdir()
+    (root / "greeting").symlink_to(tmp_path / "elsewhere" / "greeting")
+
+    folder = load_prompt_folder(root)
+
+    assert [str(error) for error in folder.errors] == [
+        f"{root / 'greeting'}: is a symbolic link to "
+        f"{tmp_path / 'elsewhere' / 'greeting'}, outside {root}: copy the file or "
+        "folder into the prompts folder instead."
+    ]
+    assert folder.files == []
+
+
+def test_symlink_inside_root_is_followed(tmp_path):
+    write(tmp_path, "greeting/v1.yaml", VALID)
+    (tmp_path / "greeting" / "v2.yaml").symlink_to(
+        write(
+            tmp_path,
+            "shared/greeting-v2.yaml",
+            VALID.replace("version: 1", "version: 2"),
+        )
+    )
+
+    folder = load_prompt_folder(tmp_path)
+
+    assert [(file.name, file.version) for file in folder.files] == [
+        ("greeting", 1),
+        ("greeting", 2),
+    ]
+    assert [str(error) for error in folder.errors] == [
+        f"{tmp_path / 'shared/greeting-v2.yaml'}: is not a version file name: "
+        "name it v<N>.yaml, e.g. v1.yaml."
+    ]
+
+
+def test_fixed_text_over_limits_is_rejected(tmp_path, settings):
+    settings.CHAT_MAX_PROMPT_CHARS = 20
+    settings.CHAT_MAX_SYSTEM_CHARS = 10
+    path = write(tmp_path, "greeting/v1.yaml", VALID)
+
+    errors = errors_of(path, tmp_path)
+
+    # "Say hello to ", " in " and " words." are the template's fixed text:
+    # Jinja2 drops the final newline.
+    assert errors == [
+        f"{path}:5: template: has 24 characters of fixed text, more than "
+        "CHAT_MAX_PROMPT_CHARS (20), so every render would be rejected: shorten "
+        "the template.",
+        f"{path}:4: system: has 17 characters of fixed text, more than "
+        "CHAT_MAX_SYSTEM_CHARS (10), so every render would be rejected: shorten "
+        "the system.",
+    ]
+
+
+def test_text_inside_blocks_is_not_fixed_text(tmp_path, settings):
+    settings.CHAT_MAX_PROMPT_CHARS = 40
+    long_line = "x" * 50
+    text = VALID.replace(
+        "Say hello to {{ who }} in {{ words }} words.",
+        f"{{% if words > 5 %}}\n  {long_line}\n  {{% else %}}\n  {long_line}\n"
+        "  {% endif %}",
+    )
+    path = write(tmp_path, "greeting/v1.yaml", text)
+
+    prompt = load_prompt_file(path, root=tmp_path)
+
+    assert long_line in prompt.template
+
+
+def test_underscore_keys_of_variables_are_allowed(tmp_path):
+    text = VALID.replace("{{ who }}", "{{ who._id }} {{ who['_name'] }}").replace(
+        "type: string\n    description: The person", "description: The person"
+    )
+    path = write(tmp_path, "greeting/v1.yaml", text)
+
+    prompt = load_prompt_file(path, root=tmp_path)
+
+    assert "who._id" in prompt.template
 
 
 def test_every_error_in_a_file_is_reported(tmp_path):

@@ -365,7 +365,9 @@ def test_render_invalid_json_is_400(client, prompts):
 
     assert response.status_code == 400
     assert response.json() == error(
-        "invalid_json", "JSON parse error - Expecting value: line 1 column 15 (char 14)"
+        "invalid_json",
+        "The body is not valid JSON (Expecting value: line 1 column 15 (char 14)); "
+        "send a JSON object.",
     )
 
 
@@ -377,7 +379,7 @@ def test_render_unknown_field_is_400(client, prompts):
     assert response.status_code == 400
     assert response.json() == error(
         "invalid_field",
-        "temprature is not a known field: send variables and, optionally, version.",
+        "temprature is not a known field; allowed fields: variables, version.",
         "temprature",
     )
 
@@ -418,9 +420,9 @@ def test_render_body_must_be_object(client, prompts):
 
     assert response.status_code == 400
     assert response.json() == error(
-        "invalid_field",
-        "The request body must be a JSON object with variables and, optionally, "
-        "version.",
+        "invalid_json",
+        "The body must be a JSON object, not an array; send for example "
+        '{"variables": {...}}.',
     )
 
 
@@ -435,8 +437,7 @@ def test_render_wrong_content_type_is_415(client, prompts):
     assert response.status_code == 415
     assert response.json() == error(
         "unsupported_media_type",
-        'Unsupported media type "application/x-www-form-urlencoded" in request. '
-        "Send the body as application/json.",
+        "Content-Type must be application/json; send the body as JSON.",
     )
 
 
@@ -444,7 +445,10 @@ def test_render_rejects_get(client, prompts):
     response = client.get("/prompts/report/render")
 
     assert response.status_code == 405
-    assert response.json() == error("method_not_allowed", 'Method "GET" not allowed.')
+    assert response.json() == error(
+        "method_not_allowed",
+        "GET is not allowed on /prompts/report/render; use POST.",
+    )
 
 
 def test_render_over_prompt_limit_is_400(client, prompts, settings):
@@ -455,8 +459,8 @@ def test_render_over_prompt_limit_is_400(client, prompts, settings):
     assert response.status_code == 400
     assert response.json() == error(
         "invalid_field",
-        "The rendered prompt report v2 has 65 characters, more than "
-        "CHAT_MAX_PROMPT_CHARS (20): shorten the variables.",
+        "The rendered prompt report v2 has more than CHAT_MAX_PROMPT_CHARS (20) "
+        "characters: shorten the variables.",
         "variables",
     )
 

@@ -219,6 +219,42 @@ def test_sync_rejects_malformed_file_atomically(prompts_root):
     ]
 
 
+def test_sync_rejects_yaml_bomb_and_oversized_file(prompts_root, settings):
+    settings.PROMPT_FILE_MAX_BYTES = 1024
+    # Nine levels of nine aliases each would expand to 9**9 strings.
+    levels = ['      l0: &l0 "lol"'] + [
+        f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]"
+        for level in range(1, 10)
+    ]
+    bomb = write_version(
+        prompts_root,
+        "bomb",
+        1,
+        TEMPLATE.format(name="bomb", version=1)
+        + "    default:\n"
+        + "\n".join(levels)
+        + "\n",
+    )
+    large = write_version(
+        prompts_root,
+        "large",
+        1,
+        TEMPLATE.format(name="large", version=1) + "#" * 1024 + "\n",
+    )
+    errors = io.StringIO()
+
+    with pytest.raises(CommandError):
+        sync(prompts_root, stderr=errors)
+
+    assert row_counts() == (0, 0, 0)
+    assert errors.getvalue().splitlines() == [
+        f"{bomb}:9: defines the YAML anchor &l0: prompt files may not use anchors "
+        "or aliases, so write the value out in full.",
+        f"{large}: is larger than PROMPT_FILE_MAX_BYTES (1024 bytes): shorten the "
+        "prompt, or raise PROMPT_FILE_MAX_BYTES.",
+    ]
+
+
 def test_sync_of_empty_database_is_all_or_nothing(prompts_root):
     write_version(prompts_root, "broken", 1, "name: broken\nversion: 1\n")
 
