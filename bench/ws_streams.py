@@ -113,7 +113,17 @@ async def one_stream(
     return result
 
 
-async def run_streams(url: str, count: int) -> tuple[list[StreamResult], float]:
+@dataclass
+class Run:
+    results: list[StreamResult]
+    # From the first chat frame sent to the last stream's end, in seconds.
+    wall: float
+    # CPU seconds used in that span.
+    gateway_cpu: float
+    client_cpu: float
+
+
+async def run_streams(url: str, count: int, gateway_pid: int) -> Run:
     connecting = asyncio.Semaphore(_CONNECTS_AT_ONCE)
     connected: list[int] = []
     go = asyncio.Event()
@@ -124,10 +134,17 @@ async def run_streams(url: str, count: int) -> tuple[list[StreamResult], float]:
     # Start every stream together once all sockets are open (or failed).
     while len(connected) + sum(task.done() for task in tasks) < count:
         await asyncio.sleep(0.05)
+    gateway_cpu = cpu_seconds(gateway_pid)
+    client_cpu = own_cpu_seconds()
     started = time.perf_counter()
     go.set()
     results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - started
+    return Run(
+        results=results,
+        wall=time.perf_counter() - started,
+        gateway_cpu=cpu_seconds(gateway_pid) - gateway_cpu,
+        client_cpu=own_cpu_seconds() - client_cpu,
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -153,10 +170,11 @@ def summarize(results: list[StreamResult], chunks: int) -> dict:
     ]
     first_token_ms = [(r.arrivals[0] - r.sent_at) * 1000 for r in complete]
     vendor_first_ms = [(r.stamps[0] - r.sent_at) * 1000 for r in complete]
-    added_ms = [
-        (arrival - stamp) * 1000
-        for r in complete
-        for arrival, stamp in zip(r.arrivals, r.stamps, strict=True)
+    # Per chunk position: the first and last chunks of all streams arrive in
+    # the same bursts as the streams' setup and teardown work.
+    added_ms_at = [
+        [(r.arrivals[index] - r.stamps[index]) * 1000 for r in complete]
+        for index in range(chunks)
     ]
     errors: dict[str, int] = {}
     for r in results:
@@ -176,7 +194,12 @@ def summarize(results: list[StreamResult], chunks: int) -> dict:
         "errors": errors,
         "first_token_ms": first_token_ms,
         "vendor_first_ms": vendor_first_ms,
-        "added_ms": added_ms,
+        "added_ms": [sample for samples in added_ms_at for sample in samples],
+        "added_ms_first": added_ms_at[0],
+        "added_ms_middle": [
+            sample for samples in added_ms_at[1:-1] for sample in samples
+        ],
+        "added_ms_last": added_ms_at[-1],
     }
 
 
@@ -213,14 +236,10 @@ def main() -> None:
             url = server.url.replace("http://", "ws://") + "/ws/chat"
             # One stream first, so the figures leave out what the first request
             # of a process pays once (the SDK client and its connection pool).
-            asyncio.run(run_streams(url, 1))
-            daphne_cpu = cpu_seconds(server.process.pid)
-            client_cpu = own_cpu_seconds()
-            results, wall = asyncio.run(run_streams(url, args.streams))
-            daphne_cpu = cpu_seconds(server.process.pid) - daphne_cpu
-            client_cpu = own_cpu_seconds() - client_cpu
+            asyncio.run(run_streams(url, 1, server.process.pid))
+            run = asyncio.run(run_streams(url, args.streams, server.process.pid))
 
-    summary = summarize(results, args.chunks)
+    summary = summarize(run.results, args.chunks)
     schedule = (args.chunks - 1) * args.chunk_delay
     print(f"Machine: {machine_summary()}; open-file limit {fd_limit}")
     print(
@@ -234,11 +253,11 @@ def main() -> None:
     print(f"Streams complete (all chunks, in order): {summary['complete']}")
     for reason, count in sorted(summary["errors"].items()):
         print(f"  not complete, {reason}: {count}")
-    print(f"Wall time from the first send to the last stream's end: {wall:.2f} s")
+    print(f"Wall time from the first send to the last stream's end: {run.wall:.2f} s")
     print(
-        f"CPU time in that span: daphne {daphne_cpu:.2f} s "
-        f"({daphne_cpu / wall:.0%} of one core), this client {client_cpu:.2f} s "
-        f"({client_cpu / wall:.0%})\n"
+        f"CPU time in that span: daphne {run.gateway_cpu:.2f} s "
+        f"({run.gateway_cpu / run.wall:.0%} of one core), this client "
+        f"{run.client_cpu:.2f} s ({run.client_cpu / run.wall:.0%})\n"
     )
     if not summary["complete"]:
         return
@@ -251,6 +270,10 @@ def main() -> None:
             "chunk latency added, vendor send to client receive", summary["added_ms"]
         )
     )
+    print(table_row("of the first chunks", summary["added_ms_first"]))
+    if summary["added_ms_middle"]:
+        print(table_row("of the chunks between", summary["added_ms_middle"]))
+    print(table_row("of the last chunks", summary["added_ms_last"]))
 
 
 if __name__ == "__main__":
