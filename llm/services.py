@@ -29,9 +29,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_MISS = "miss"
 CACHE_BYPASS = "bypass"
-# Only complete responses are cached, because a truncated, blocked, failed or
-# cancelled one would be replayed to every later caller of the same request.
-_CACHEABLE_FINISH_REASON = "stop"
 # A cached answer replayed on a stream is sent in about this many chunks.
 _REPLAY_CHUNKS = 4
 
@@ -97,7 +94,7 @@ async def chat_complete(
             )
 
     completion = await _provider_complete(request)
-    if key is not None and completion.finish_reason == _CACHEABLE_FINISH_REASON:
+    if key is not None and _is_cacheable(completion):
         await cache_set(key, _cached_answer(completion))
     return ChatResult(
         text=completion.text,
@@ -181,7 +178,7 @@ async def chat_stream(
         finish_reason=end.finish_reason,
         usage=end.usage,
     )
-    if key is not None and completion.finish_reason == _CACHEABLE_FINISH_REASON:
+    if key is not None and _is_cacheable(completion):
         await cache_set(key, _cached_answer(completion))
     yield StreamDone(
         model=end.model,
@@ -219,6 +216,16 @@ def _record_upstream_success(model: str, usage: Usage, started: float) -> None:
     UPSTREAM_LATENCY.labels(model=model).observe(time.perf_counter() - started)
     TOKENS.labels(model=model, kind="prompt").inc(usage.prompt_tokens)
     TOKENS.labels(model=model, kind="completion").inc(usage.completion_tokens)
+
+
+def _is_cacheable(completion: Completion) -> bool:
+    """Return whether a completion is complete enough to replay to later callers.
+
+    A truncated, blocked, failed or cancelled answer, and one without text,
+    would be replayed to every later caller of the same request, so only an
+    answer with text and finish reason "stop" is cached.
+    """
+    return completion.finish_reason == "stop" and bool(completion.text.strip())
 
 
 def _cached_answer(completion: Completion) -> CachedAnswer:

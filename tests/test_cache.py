@@ -9,7 +9,7 @@ from django.core.cache import caches
 from llm.cache import CACHE_KEY_VERSION, cache_key, redis_tier_reset
 from llm.providers.base import GenerationRequest
 from llm.services import chat_complete
-from tests.chat_support import post_json, request_id_filter
+from tests.chat_support import post_json, read_events, request_id_filter
 from tests.fake_gemini import Reply
 
 # Every request authenticates with a gateway API key, as clients must.
@@ -311,8 +311,19 @@ async def test_cache_recovers_after_redis_restart(fake_gemini, redis_server, set
         Reply(chunks=[], finish_reason="SAFETY"),
         Reply(finish_reason="MAX_TOKENS"),
         Reply(finish_reason="OTHER"),
+        Reply(chunks=[], finish_reason="STOP"),
+        Reply(chunks=[" ", "\n"], finish_reason="STOP"),
     ],
-    ids=["error-500", "error-400", "blocked", "withheld", "truncated", "other"],
+    ids=[
+        "error-500",
+        "error-400",
+        "blocked",
+        "withheld",
+        "truncated",
+        "other",
+        "empty",
+        "whitespace",
+    ],
 )
 async def test_incomplete_answer_is_not_cached(fake_gemini, reply):
     fake_gemini.default_reply = reply
@@ -324,6 +335,26 @@ async def test_incomplete_answer_is_not_cached(fake_gemini, reply):
 
     assert response.status_code == 200
     assert response["X-Cache"] == "miss"
+    assert fake_gemini.call_count == calls_before + 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(chunks=[], finish_reason="STOP"), Reply(chunks=["Hi"], finish_reason=None)],
+    ids=["empty", "no-finish-reason"],
+)
+async def test_incomplete_stream_is_not_cached(fake_gemini, reply):
+    fake_gemini.default_reply = reply
+    first = await post_json("/chat/stream", BASE_BODY)
+    await read_events(first)
+    calls_before = fake_gemini.call_count
+    fake_gemini.default_reply = Reply()
+
+    second = await post_json("/chat/stream", BASE_BODY)
+    events = await read_events(second)
+
+    assert events[-1].name == "done"
+    assert events[-1].data["cached"] is False
     assert fake_gemini.call_count == calls_before + 1
 
 
