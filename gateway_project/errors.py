@@ -8,10 +8,11 @@ built in one place.
 
 import logging
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import DisallowedHost, PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
 from django.urls import reverse
-from django.views import csrf
+from django.views import csrf, defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -63,11 +64,40 @@ def _first_validation_error(detail, path=""):
     return (path or None), str(detail)
 
 
+def printable(text: str) -> str:
+    """Return ``text`` with unprintable characters written as Python escapes.
+
+    Messages that quote client input go through it, so a NUL, a control
+    character or a lone surrogate (which UTF-8 cannot encode) reaches the
+    client as ``\\x00`` or ``\\ud800`` and never breaks the response.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 def error_body(code: str, message: str, field: str | None = None) -> dict:
-    error = {"code": code, "message": message}
+    error = {"code": code, "message": printable(message)}
     if field:
-        error["field"] = field
+        error["field"] = printable(field)
     return {"error": error, "request_id": request_id_var.get()}
+
+
+def request_too_large() -> ApiError:
+    return ApiError(
+        f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} "
+        "bytes (MAX_REQUEST_BYTES); send a smaller body.",
+        code="request_too_large",
+        status_code=413,
+    )
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> ApiError:
+    return ApiError(
+        f"{method} is not allowed on {path}; use {', '.join(allowed)}.",
+        code="method_not_allowed",
+        status_code=405,
+    )
 
 
 def error_payload(exc: Exception) -> tuple[int, dict, dict]:
@@ -81,6 +111,8 @@ def error_payload(exc: Exception) -> tuple[int, dict, dict]:
         exc = NotFound(str(exc) or None)
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = request_too_large()
 
     if isinstance(exc, ApiError):
         body = error_body(exc.code, str(exc.detail), exc.field)
@@ -123,6 +155,13 @@ def error_payload(exc: Exception) -> tuple[int, dict, dict]:
 
 def exception_handler(exc, context):
     """DRF exception handler: every error leaves in the gateway's error shape."""
+    view = context.get("view")
+    if isinstance(exc, exceptions.MethodNotAllowed) and view is not None:
+        # DRF has already set the Allow header, OPTIONS included. The message
+        # names only the methods a client would use.
+        request = context["request"]
+        allowed = [m for m in view.allowed_methods if m not in ("HEAD", "OPTIONS")]
+        exc = method_not_allowed(request.method, request.path, allowed)
     status_code, body, headers = error_payload(exc)
     return Response(body, status=status_code, headers=headers)
 
@@ -138,6 +177,36 @@ def json_error_response(exc: Exception) -> JsonResponse:
 def handler404(request, exception=None):
     return JsonResponse(
         error_body("not_found", f"No endpoint at {request.path}."), status=404
+    )
+
+
+def handler400(request, exception=None):
+    """Return a 400 that Django raised before any view, in the error shape.
+
+    Under the admin, Django's own page is kept for the browser.
+    """
+    if request.path.startswith(reverse("admin:index")):
+        return defaults.bad_request(request, exception)
+    if isinstance(exception, RequestDataTooBig):
+        return json_error_response(exception)
+    if isinstance(exception, DisallowedHost):
+        # request.get_host() would raise again, so the raw header is read.
+        host = request.META.get("HTTP_HOST", "")
+        return JsonResponse(
+            error_body(
+                "invalid_host",
+                f"The Host header {host!r} is not in the gateway's ALLOWED_HOSTS: "
+                "send the host name the gateway is served under, or add this "
+                "host to ALLOWED_HOSTS.",
+            ),
+            status=400,
+        )
+    return JsonResponse(
+        error_body(
+            "invalid_request",
+            "The request is malformed; check its headers and body.",
+        ),
+        status=400,
     )
 
 

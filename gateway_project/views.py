@@ -4,10 +4,12 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.decorators import api_view
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from gateway_project.errors import ApiError, error_body, json_error_response
+from gateway_project.errors import error_body, json_error_response, method_not_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +24,7 @@ async def health(request: HttpRequest) -> HttpResponse:
     """
     if request.method not in ("GET", "HEAD"):
         response = json_error_response(
-            ApiError(
-                f"{request.method} is not allowed on {request.path}; use GET.",
-                code="method_not_allowed",
-                status_code=405,
-            )
+            method_not_allowed(request.method, request.path, ["GET"])
         )
         response["Allow"] = "GET, HEAD"
         return response
@@ -55,7 +53,7 @@ def _check_redis() -> str | None:
     return None
 
 
-@api_view(["GET"])
+@api_view(["GET", "HEAD"])
 def ready(request):
     """Report whether the database and, when configured, Redis answer."""
     checks = {"database": _check_database(), "redis": _check_redis()}
@@ -80,3 +78,28 @@ def ready(request):
             },
         }
     )
+
+
+class _JsonUnlessDocument:
+    """Render every response except the document itself as JSON.
+
+    The schema view renders YAML and the Swagger UI view renders an HTML
+    template. Their errors, and OPTIONS, which the Swagger UI template
+    cannot render, leave in the gateway's JSON shape instead.
+    """
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        document = request.method in ("GET", "HEAD") and response.status_code < 400
+        if isinstance(response, Response) and not document:
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = JSONRenderer.media_type
+        return response
+
+
+class SchemaView(_JsonUnlessDocument, SpectacularAPIView):
+    """The OpenAPI document, as YAML unless the client asks for JSON."""
+
+
+class DocsView(_JsonUnlessDocument, SpectacularSwaggerView):
+    """Swagger UI for the OpenAPI document."""
