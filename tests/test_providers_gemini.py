@@ -137,6 +137,26 @@ async def test_unknown_finish_reason_is_other(provider, fake_gemini):
     assert completion.finish_reason == "other"
 
 
+async def test_stream_without_finish_reason_keeps_usage(provider, fake_gemini, caplog):
+    fake_gemini.enqueue(Reply(chunks=["Seven", " is"], finish_reason=None))
+
+    with caplog.at_level(logging.WARNING, logger="llm.providers.gemini"):
+        items = await collect(provider.stream(chat_request()))
+
+    assert items == [
+        "Seven",
+        " is",
+        StreamEnd(
+            model=MODEL,
+            finish_reason="other",
+            usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
+        ),
+    ]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Gemini stream for model {MODEL} ended without a finish reason"
+    ]
+
+
 async def test_safety_finish_without_text_is_blocked(provider, fake_gemini):
     fake_gemini.enqueue(
         Reply(chunks=[], finish_reason="SAFETY"),
@@ -282,7 +302,10 @@ async def test_rejected_option_is_invalid_field(provider, fake_gemini):
         await provider.complete(chat_request(max_tokens=100000))
 
     assert raised.value.field == "max_tokens"
-    assert str(raised.value) == f"Gemini rejected max_tokens: {message}"
+    assert str(raised.value) == (
+        "Gemini rejected max_tokens (400 INVALID_ARGUMENT): send a max_tokens "
+        f"that the model {MODEL} accepts."
+    )
     assert fake_gemini.call_count == 1
 
 
@@ -293,7 +316,51 @@ async def test_other_bad_request_is_bad_response(provider, fake_gemini):
         await provider.complete(chat_request())
 
     assert str(raised.value) == (
-        "Gemini rejected the request (400 INVALID_ARGUMENT): Something else is wrong."
+        "Gemini rejected the request (400 INVALID_ARGUMENT): a value in the "
+        "request is invalid. The gateway's log has Gemini's message under the "
+        "request id."
+    )
+
+
+async def test_vendor_message_is_logged_not_returned(
+    provider, fake_gemini, settings, caplog
+):
+    settings.GEMINI_API_KEY = "gemini-test-key"
+    message = (
+        "<script>alert(1)</script>\nkey=AIzaSECRET rejected, and so is "
+        "gemini-test-key. " + "More detail. " * 40
+    )
+    fake_gemini.enqueue(Reply(status=400, message=message))
+
+    with caplog.at_level(logging.INFO, logger="llm.providers.gemini"):
+        with pytest.raises(UpstreamBadResponse) as raised:
+            await provider.complete(chat_request())
+
+    assert "<script>" not in str(raised.value)
+    assert "AIzaSECRET" not in str(raised.value)
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    logged = caplog.records[0].getMessage()
+    assert logged.startswith(
+        f"Gemini rejected a request for model {MODEL} (400 INVALID_ARGUMENT): "
+        "<script>alert(1)</script> key=[redacted] rejected, and so is [redacted]. "
+        "More detail."
+    )
+    assert "AIzaSECRET" not in logged
+    assert "gemini-test-key" not in logged
+    assert "\n" not in logged
+    vendor_part = logged.split("(400 INVALID_ARGUMENT): ", 1)[1]
+    assert len(vendor_part) == 300
+
+
+async def test_conflict_uses_own_words(provider, fake_gemini):
+    fake_gemini.enqueue(Reply(status=409, message="Vendor <b>detail</b>."))
+
+    with pytest.raises(UpstreamBadResponse) as raised:
+        await provider.complete(chat_request())
+
+    assert str(raised.value) == (
+        "Gemini rejected the request (409 UNKNOWN): the request was rejected. The "
+        "gateway's log has Gemini's message under the request id."
     )
 
 

@@ -10,6 +10,7 @@ import email.utils
 import functools
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -89,7 +90,40 @@ _VENDOR_FIELDS = (
     ("input token count", "prompt"),
     ("contents", "prompt"),
 )
+# Google's canonical error statuses. Only these appear in messages and logs,
+# because the status field is text from the vendor's response.
+_CANONICAL_STATUSES = frozenset(
+    {
+        "ABORTED",
+        "ALREADY_EXISTS",
+        "CANCELLED",
+        "DATA_LOSS",
+        "DEADLINE_EXCEEDED",
+        "FAILED_PRECONDITION",
+        "INTERNAL",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "OUT_OF_RANGE",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "UNAUTHENTICATED",
+        "UNAVAILABLE",
+        "UNIMPLEMENTED",
+        "UNKNOWN",
+    }
+)
+# The gateway's own words for the statuses of a rejected request. Gemini's
+# message is logged, never sent to the caller: it may quote the request, and
+# a proxy in between could put anything in it.
+_REJECTION_DESCRIPTIONS = {
+    "INVALID_ARGUMENT": "a value in the request is invalid",
+    "OUT_OF_RANGE": "a value in the request is out of range",
+    "FAILED_PRECONDITION": "the API cannot serve the request as the gateway's "
+    "Gemini project is set up, for example from its region or without billing",
+}
 _MAX_VENDOR_MESSAGE_CHARS = 300
+# Google API keys, and key=... query parameters, masked in logged messages.
+_API_KEY_PATTERN = re.compile(r"AIza[0-9A-Za-z_-]{35}|(?<=key=)[^&\s\"']+")
 # Idle connections kept open to Gemini: httpx's default. The pool (httpcore2
 # 2.16) checks the socket of every idle connection each time a request starts
 # or ends, so keeping as many idle as may be open made each of the last
@@ -185,6 +219,13 @@ async def _stream_once(request: GenerationRequest) -> AsyncIterator[str | Stream
 
     if not sent_text and vendor_finish_reason in _BLOCKING_FINISH_REASONS:
         raise _answer_blocked(vendor_finish_reason)
+    if vendor_finish_reason is None:
+        # Gemini puts a finish reason on the last event of every stream it
+        # completes, so without one the stream was probably cut short. The
+        # answer ends with finish reason "other" and is not cached.
+        logger.warning(
+            "Gemini stream for model %s ended without a finish reason", request.model
+        )
     yield StreamEnd(
         model=request.model,
         finish_reason=normalize_finish_reason(vendor_finish_reason),
@@ -246,8 +287,7 @@ def upstream_error(exc: Exception, *, model: str) -> ApiError:
 
 
 def _status_error(exc: genai_errors.APIError, model: str) -> ApiError:
-    status = f"{exc.code} {exc.status}" if exc.status else str(exc.code)
-    vendor_message = (exc.message or "")[:_MAX_VENDOR_MESSAGE_CHARS]
+    status = _status_label(exc)
     if exc.code in (401, 403) or _error_reason(exc) in _API_KEY_REASONS:
         # Gemini's own message is left out: the key is the operator's concern.
         return UpstreamAuthFailed(
@@ -269,12 +309,43 @@ def _status_error(exc: genai_errors.APIError, model: str) -> ApiError:
             f"Gemini does not serve the model {model!r} ({status}); an operator "
             "must fix LLM_MODELS."
         )
+    return _rejection_error(exc, model, status)
+
+
+def _rejection_error(exc: genai_errors.APIError, model: str, status: str) -> ApiError:
+    """Translate a 4xx that rejects the request itself, logging Gemini's message."""
+    vendor_message = _loggable_message(exc.message or "")
+    logger.warning(
+        "Gemini rejected a request for model %s (%s): %s", model, status, vendor_message
+    )
     field = _rejected_field(vendor_message) if exc.code == 400 else None
     if field is not None:
-        return InvalidField(f"Gemini rejected {field}: {vendor_message}", field=field)
+        return InvalidField(
+            f"Gemini rejected {field} ({status}): send a {field} that the model "
+            f"{model} accepts.",
+            field=field,
+        )
+    description = _REJECTION_DESCRIPTIONS.get(exc.status, "the request was rejected")
     return UpstreamBadResponse(
-        f"Gemini rejected the request ({status}): {vendor_message}"
+        f"Gemini rejected the request ({status}): {description}. The gateway's log "
+        "has Gemini's message under the request id."
     )
+
+
+def _status_label(exc: genai_errors.APIError) -> str:
+    """Return the HTTP status and, when it is a canonical one, Google's status."""
+    if exc.status in _CANONICAL_STATUSES:
+        return f"{exc.code} {exc.status}"
+    return str(exc.code)
+
+
+def _loggable_message(message: str) -> str:
+    """Return a vendor message shortened to one line, with API keys masked."""
+    api_key = settings.GEMINI_API_KEY
+    if api_key:
+        message = message.replace(api_key, "[redacted]")
+    message = _API_KEY_PATTERN.sub("[redacted]", message)
+    return " ".join(message.split())[:_MAX_VENDOR_MESSAGE_CHARS]
 
 
 def _error_reason(exc: genai_errors.APIError) -> str | None:
@@ -334,7 +405,7 @@ def _rejected_field(vendor_message: str) -> str | None:
 def _error_label(exc: Exception) -> str:
     """Describe a failure for logs by its status or class, never by its text."""
     if isinstance(exc, genai_errors.APIError):
-        return f"{exc.code} {exc.status or ''}".strip()
+        return _status_label(exc)
     return type(exc).__name__
 
 
