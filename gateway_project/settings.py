@@ -249,7 +249,11 @@ PROMPT_FILE_MAX_BYTES = env_int("PROMPT_FILE_MAX_BYTES", 256 * 1024, minimum=102
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # The same JSON rules as the chat views and the websocket.
+    "DEFAULT_PARSER_CLASSES": ["gateway_project.json_body.JSONBodyParser"],
+    # \u escapes for every non-ASCII character, as JsonResponse writes them,
+    # so a lone surrogate in a response cannot fail UTF-8 encoding.
+    "UNICODE_JSON": False,
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,

@@ -12,26 +12,15 @@ from django.conf import settings
 from rest_framework import serializers
 
 from gateway_project.errors import InvalidField
+from gateway_project.json_body import json_type_name, unknown_fields_message
 from llm.providers import model_max_tokens, resolve_model
 from llm.providers.base import GenerationRequest
 
 # Generation parameters a prompt chat may override, besides "cache".
 GENERATION_OPTIONS = ("model", "temperature", "max_tokens", "top_p", "top_k")
-
-
-def json_type_name(value: Any) -> str:
-    """Name the JSON type of a decoded value, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+# A registry prompt's request body, quoted in the error for a body that is
+# not a JSON object.
+PROMPT_BODY_EXAMPLE = '{"variables": {...}}'
 
 
 class StrictFloatField(serializers.FloatField):
@@ -119,16 +108,9 @@ class _GenerationOptionsSerializer(serializers.Serializer):
         if isinstance(data, dict):
             unknown = sorted(str(name) for name in data if name not in self.fields)
             if unknown:
-                raise serializers.ValidationError(
-                    {unknown[0]: [self._unknown_fields_message(unknown)]}
-                )
+                message = unknown_fields_message(unknown, list(self.fields))
+                raise serializers.ValidationError({unknown[0]: [message]})
         return super().to_internal_value(data)
-
-    def _unknown_fields_message(self, unknown: list[str]) -> str:
-        names = ", ".join(unknown)
-        verb = "is not a known field" if len(unknown) == 1 else "are not known fields"
-        allowed = ", ".join(sorted(self.fields))
-        return f"{names} {verb}; allowed fields: {allowed}."
 
     def validate_model(self, value: str | None) -> str | None:
         if value is None:
@@ -158,6 +140,9 @@ def max_tokens_problem(max_tokens: int | None, model: str) -> str | None:
 
 class ChatRequestSerializer(_GenerationOptionsSerializer):
     """Body of POST /chat and /chat/stream and of websocket "chat" frames."""
+
+    # Quoted in the error for a body that is not a JSON object.
+    body_example = '{"prompt": "Hello"}'
 
     prompt = StrictCharField(
         error_messages={"blank": "Must not be empty; send the text for the model."}
@@ -226,6 +211,8 @@ class PromptChatRequestSerializer(_GenerationOptionsSerializer):
     The model and the parameters given here override the prompt version's own;
     whether max_tokens fits the model is checked once the version is known.
     """
+
+    body_example = PROMPT_BODY_EXAMPLE
 
     variables = _VariablesField(required=False, default=dict)
     version = _optional_integer(1)

@@ -2,10 +2,11 @@
 
 The chat views are plain async Django views, not DRF views, so under daphne a
 slow vendor holds only its own request and never the thread that sync views
-share. They parse JSON themselves, validate with the DRF serializers in
-llm/serializers.py and return errors in the gateway's one error shape. Each
-chat view authenticates the API key, checks what the key may use and counts
-the request against its limits through llm/access.py.
+share. They read JSON bodies with gateway_project/json_body.py, validate them
+with the DRF serializers in llm/serializers.py and return errors in the
+gateway's one error shape. Each chat view authenticates the API key, checks
+what the key may use and counts the request against its limits through
+llm/access.py.
 """
 
 import functools
@@ -16,12 +17,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from gateway_project.errors import ApiError, error_payload, json_error_response
+from gateway_project.errors import (
+    ApiError,
+    error_payload,
+    json_error_response,
+    method_not_allowed,
+)
+from gateway_project.json_body import json_object_body
 from gateway_project.logging import request_id_var
 from llm.access import (
     admit_model_call,
@@ -115,51 +120,10 @@ def _chat_endpoint(endpoint: str) -> Callable[[ChatView], ChatView]:
 
 def _method_not_allowed(request: HttpRequest, allowed: str) -> HttpResponse:
     response = json_error_response(
-        ApiError(
-            f"{request.method} is not allowed on {request.path}; use {allowed}.",
-            code="method_not_allowed",
-            status_code=405,
-        )
+        method_not_allowed(request.method, request.path, [allowed])
     )
     response["Allow"] = allowed
     return response
-
-
-def _json_body(request: HttpRequest) -> dict:
-    """Return the request body as a JSON object, or raise ApiError."""
-    if request.content_type != "application/json":
-        raise ApiError(
-            "Content-Type must be application/json; send the body as JSON.",
-            code="unsupported_media_type",
-            status_code=415,
-        )
-    try:
-        raw = request.body
-    except RequestDataTooBig:
-        raise ApiError(
-            f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} "
-            "bytes; send a shorter prompt.",
-            code="request_too_large",
-            status_code=413,
-        ) from None
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except ValueError as error:
-        raise ApiError(
-            f"The body is not valid JSON ({error}); send a JSON object.",
-            code="invalid_json",
-        ) from None
-    if not isinstance(body, dict):
-        raise ApiError(
-            'The body must be a JSON object, for example {"prompt": "Hello"}.',
-            code="invalid_json",
-        )
-    return body
-
-
-def _reject_constant(name: str):
-    # Python's json module accepts NaN and Infinity, which are not JSON.
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _cache_allowed(request: HttpRequest, use_cache: bool) -> bool:
@@ -192,7 +156,8 @@ def _result_response(
 
 def _chat_request(request: HttpRequest) -> tuple[GenerationRequest, bool]:
     """Validate a /chat body; return the model request and whether to cache."""
-    serializer = ChatRequestSerializer(data=_json_body(request))
+    body = json_object_body(request, example=ChatRequestSerializer.body_example)
+    serializer = ChatRequestSerializer(data=body)
     serializer.is_valid(raise_exception=True)
     use_cache = _cache_allowed(request, serializer.use_cache)
     return serializer.generation_request(), use_cache
@@ -205,7 +170,8 @@ async def _prompt_chat_request(
 
     Returns the model request, whether to cache, and the reply's prompt fields.
     """
-    serializer = PromptChatRequestSerializer(data=_json_body(request))
+    body = json_object_body(request, example=PromptChatRequestSerializer.body_example)
+    serializer = PromptChatRequestSerializer(data=body)
     serializer.is_valid(raise_exception=True)
     data = serializer.validated_data
     rendered, generation = await prompt_chat_request(

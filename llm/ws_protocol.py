@@ -5,7 +5,6 @@ is sent back are plain functions here, so they can be tested and reused without
 a socket.
 """
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway_project.errors import ApiError, InvalidField, error_payload
+from gateway_project.json_body import check_strings, json_loads, json_object
 from gateway_project.logging import request_id_var
 from llm.access import admit_model_call, record_model_usage
 from llm.keys import (
@@ -33,6 +33,7 @@ from llm.services import StreamDone, StreamStart, chat_stream, prompt_chat_reque
 REQUEST_TYPES = ("chat", "prompt")
 CLIENT_TYPES = (*REQUEST_TYPES, "cancel", "subscribe", "unsubscribe", "auth")
 AUTH_FRAME_EXAMPLE = '{"type": "auth", "key": "<key>"}'
+FRAME_EXAMPLE = '{"type": "chat", "id": "1", "prompt": "Hi"}'
 MAX_ID_CHARS = 128
 # Status recorded in metrics for a request cancelled by its client or by the
 # connection closing (the nginx convention for "client closed request").
@@ -73,20 +74,9 @@ def decode_frame(text_data: str | None, bytes_data: bytes | None) -> dict:
             "Binary frames are not accepted: send each message as a JSON text frame.",
             code="unsupported_frame",
         )
-    try:
-        frame = json.loads(text_data)
-    except json.JSONDecodeError as error:
-        raise ApiError(
-            f"The frame is not valid JSON ({error}): send one JSON object per frame.",
-            code="invalid_json",
-        ) from None
-    if not isinstance(frame, dict):
-        raise ApiError(
-            f"The frame is a JSON {type(frame).__name__}, not an object: send an "
-            'object such as {"type": "chat", "id": "1", "prompt": "Hi"}.',
-            code="invalid_json",
-        )
-    return frame
+    # The REST views read bodies under the same rules.
+    value = json_loads(text_data, subject="frame")
+    return json_object(value, subject="frame", example=FRAME_EXAMPLE)
 
 
 def decode_auth_frame(text_data: str | None, bytes_data: bytes | None) -> dict:
@@ -111,8 +101,10 @@ def decode_auth_frame(text_data: str | None, bytes_data: bytes | None) -> dict:
 async def auth_frame_api_key(frame: dict) -> ApiKey:
     """Authenticate the key of an auth frame.
 
-    Raises ApiKeyMissing, ApiKeyInvalid or ApiKeyRevoked (all 401).
+    Raises ApiKeyMissing, ApiKeyInvalid or ApiKeyRevoked (all 401), or
+    InvalidField for a key with NUL or a lone surrogate, which cannot be hashed.
     """
+    check_strings(frame)
     raw = frame.get("key")
     if not isinstance(raw, str) or not raw.strip():
         raise ApiKeyMissing(
@@ -145,7 +137,12 @@ def client_id_of(frame: dict) -> str | None:
 
 
 def validate_frame(frame: dict) -> str:
-    """Check the frame's type and id and return the type; raise InvalidField."""
+    """Check the frame's strings, type and id and return the type.
+
+    Raises InvalidField. The strings are checked here rather than in
+    ``decode_frame``, so the error frame can carry the frame's id.
+    """
+    check_strings(frame)
     frame_type = frame.get("type")
     if frame_type not in CLIENT_TYPES:
         raise InvalidField(

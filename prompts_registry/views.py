@@ -3,7 +3,9 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from gateway_project.json_body import json_object_body, unknown_fields_message
 from llm.keys import api_key_check_prompt, api_key_from_header
+from llm.serializers import PROMPT_BODY_EXAMPLE
 from prompts_registry.selectors import (
     prompt_get,
     prompt_list,
@@ -105,11 +107,6 @@ class PromptRenderApi(GatewayKeyApiView):
     """Render a prompt version with variables, without calling a model."""
 
     class InputSerializer(serializers.Serializer):
-        default_error_messages = {
-            "invalid": "The request body must be a JSON object with variables "
-            "and, optionally, version."
-        }
-
         variables = serializers.DictField(
             required=False,
             default=dict,
@@ -126,17 +123,16 @@ class PromptRenderApi(GatewayKeyApiView):
             if isinstance(data, dict):
                 unknown = sorted(set(data) - set(self.fields))
                 if unknown:
-                    raise serializers.ValidationError(
-                        {
-                            unknown[0]: f"{unknown[0]} is not a known field: send "
-                            "variables and, optionally, version."
-                        }
-                    )
+                    message = unknown_fields_message(unknown, list(self.fields))
+                    raise serializers.ValidationError({unknown[0]: message})
             return super().to_internal_value(data)
 
     def post(self, request, name):
         api_key_check_prompt(self.api_key, name)
-        serializer = self.InputSerializer(data=request.data)
+        # The underlying HttpRequest, because DRF's request.data treats a body
+        # without Content-Length, such as a chunked one, as empty.
+        body = json_object_body(request._request, example=PROMPT_BODY_EXAMPLE)
+        serializer = self.InputSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         rendered = prompt_render(
             name=name,

@@ -295,7 +295,8 @@ async def test_invalid_body_returns_400(fake_gemini, settings, body, expected):
         ),
         (
             '["Hi"]',
-            'The body must be a JSON object, for example {"prompt": "Hello"}.',
+            "The body must be a JSON object, not an array; send for example "
+            '{"prompt": "Hello"}.',
         ),
         (
             " ",
@@ -360,7 +361,8 @@ async def test_oversized_body_returns_413(fake_gemini, settings):
     assert response.status_code == 413
     assert response.json() == error(
         None,
-        "The request body is larger than 1024 bytes; send a shorter prompt.",
+        "The request body is larger than 1024 bytes (MAX_REQUEST_BYTES); send a "
+        "smaller body.",
         code="request_too_large",
     )
 

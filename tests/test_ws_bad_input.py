@@ -15,7 +15,7 @@ PROTOCOL_ERRORS = [
         {
             "code": "invalid_json",
             "message": "The frame is not valid JSON (Expecting property name "
-            "enclosed in double quotes: line 1 column 2 (char 1)): send one JSON "
+            "enclosed in double quotes: line 1 column 2 (char 1)); send one JSON "
             "object per frame.",
         },
         id="invalid-json",
@@ -25,8 +25,8 @@ PROTOCOL_ERRORS = [
         None,
         {
             "code": "invalid_json",
-            "message": "The frame is a JSON list, not an object: send an object "
-            'such as {"type": "chat", "id": "1", "prompt": "Hi"}.',
+            "message": "The frame must be a JSON object, not an array; send for "
+            'example {"type": "chat", "id": "1", "prompt": "Hi"}.',
         },
         id="not-an-object",
     ),

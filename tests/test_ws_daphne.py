@@ -395,3 +395,52 @@ async def test_subscriber_hears_admin_activation(server):
         "version": 1,
         "previous_version": 2,
     }
+
+
+def test_render_reads_chunked_body(server):
+    address, _, api_key = server
+    # Only "text", which every version of summarizer declares, because
+    # another test changes the active version.
+    body = b'{"variables": {"text": "sent in chunks"}}'
+
+    response = httpx.post(
+        f"http://{address}/prompts/summarizer/render",
+        content=iter([body[:20], body[20:]]),
+        headers={
+            **bearer(api_key),
+            "Content-Type": "application/json",
+            "X-Forwarded-Proto": "https",
+        },
+        timeout=RECEIVE_TIMEOUT,
+    )
+
+    assert response.request.headers["Transfer-Encoding"] == "chunked"
+    assert response.status_code == 200
+    assert "sent in chunks" in response.json()["user"]
+
+
+def test_disallowed_host_gets_json_400(server):
+    address, _, api_key = server
+
+    response = httpx.post(
+        f"http://{address}/chat",
+        json={"prompt": "Hi"},
+        headers={
+            **bearer(api_key),
+            "Host": "evil.example",
+            "X-Forwarded-Proto": "https",
+            "X-Request-ID": "host1",
+        },
+        timeout=RECEIVE_TIMEOUT,
+    )
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {
+            "code": "invalid_host",
+            "message": "The Host header 'evil.example' is not in the gateway's "
+            "ALLOWED_HOSTS: send the host name the gateway is served under, or "
+            "add this host to ALLOWED_HOSTS.",
+        },
+        "request_id": "host1",
+    }
