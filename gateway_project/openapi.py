@@ -50,7 +50,8 @@ ERROR_DESCRIPTIONS = {
     403: "The API key may not use this model or prompt (code forbidden).",
     404: "The prompt or its version does not exist (code not_found).",
     413: "The body is larger than MAX_REQUEST_BYTES (code request_too_large).",
-    415: "The body is not sent as application/json (code unsupported_media_type).",
+    415: "The body is not sent as application/json, or names a charset other "
+    "than utf-8 (code unsupported_media_type).",
     422: "The model provider blocked the prompt or the answer (code content_blocked).",
     429: "The API key used up its requests or tokens for this window "
     "(code rate_limited) or its daily token budget (code budget_exceeded), or "
@@ -543,7 +544,7 @@ class PromptRenderApiSchema(OpenApiViewExtension):
                 examples=[SUMMARIZER_EXAMPLE],
                 responses={
                     200: PromptRenderResponseSerializer,
-                    **error_responses(400, 401, 403, 404, 415, 500),
+                    **error_responses(400, 401, 403, 404, 413, 415, 500),
                 },
             ),
         )

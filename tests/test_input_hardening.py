@@ -647,6 +647,14 @@ def test_head_is_allowed(path):
     assert response.content == b""
 
 
+def test_render_schema_documents_413_and_415():
+    document = Client().get("/schema?format=json").json()
+
+    responses = document["paths"]["/prompts/{name}/render"]["post"]["responses"]
+    assert "413" in responses
+    assert "charset" in responses["415"]["description"]
+
+
 def test_drf_view_405_names_allowed_method():
     response = Client().get(
         "/prompts/summarizer/render",
