@@ -428,6 +428,13 @@ LOGGING = {
             "filters": ["skip_upstream_statuses"],
             "propagate": False,
         },
+        # Every request with a Host outside ALLOWED_HOSTS, which scanners send
+        # all day, would log an ERROR with a traceback; the client gets a 400.
+        "django.security.DisallowedHost": {
+            "handlers": ["console"],
+            "level": "CRITICAL",
+            "propagate": False,
+        },
         # The HTTP clients of google-genai log every request at INFO; the
         # Gemini adapter logs retries and failures itself.
         "httpx": {"level": "WARNING"},

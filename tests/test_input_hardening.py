@@ -696,3 +696,20 @@ def test_json_body_parser_rejects_bad_input(raw, media_type, expected):
         parser.parse(io.BytesIO(raw), media_type)
 
     assert str(raised.value.detail).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/prompts/a%00b",
+        "/prompts/a%00b/render",
+        "/prompts/a%00b/chat",
+        "/prompts/Upper",
+        "/prompts/" + "n" * 101,
+    ],
+)
+def test_impossible_prompt_name_is_404(path):
+    response = Client().post(path, data="{}", content_type="application/json")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
