@@ -119,6 +119,9 @@ class Timeline:
     """Planned phases and the measured moments of the faults (run seconds)."""
 
     phases: list[Phase]
+    # When the stop was issued, and when redis-server had exited: /ready may
+    # fail in between, while L2 may still answer.
+    redis_stop_requested: float | None = None
     redis_stopped: float | None = None
     redis_restarted: float | None = None
     burst_ended: float | None = None
@@ -343,6 +346,7 @@ async def run_faults(timeline: Timeline, redis, fake: FakeGemini, clock) -> None
         return clock()
 
     await sleep_until(phases["Redis stopped"].start, clock)
+    timeline.redis_stop_requested = clock()
     await asyncio.to_thread(redis.stop)
     timeline.redis_stopped = clock()
     await sleep_until(phases["Redis stopped"].end, clock)
@@ -523,7 +527,10 @@ def print_report(
         1 for r in results if r.cache == "hit-l2" and during_outage(r.started, timeline)
     )
     ready_failed = any(
-        status != 200 and during_outage(changed_at, timeline)
+        status != 200
+        and timeline.redis_stop_requested is not None
+        and timeline.redis_restarted is not None
+        and timeline.redis_stop_requested <= changed_at < timeline.redis_restarted
         for changed_at, status in timeline.ready_changes
     )
     healthy = alive and timeline.health_failures == 0
