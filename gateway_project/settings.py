@@ -70,11 +70,13 @@ MIDDLEWARE = [
     # responses carry the CORS headers too.
     "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
+    # Subclasses of Django's middlewares whose hooks run on the event loop
+    # rather than in a worker thread; see gateway_project/middleware.py.
+    "gateway_project.middleware.SessionMiddleware",
+    "gateway_project.middleware.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "gateway_project.middleware.AuthenticationMiddleware",
+    "gateway_project.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
