@@ -11,7 +11,7 @@ from django.middleware import common
 from gateway_project.logging import request_id_var
 
 # An incoming id is reused only when it is short and safe to echo into headers
-# and logs; anything else is replaced by a fresh one.
+# and logs. Any other value is replaced by a fresh id.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -88,11 +88,11 @@ class CommonMiddleware(InlineHooksMixin, common.CommonMiddleware):
 
 
 class AuthenticationMiddleware(InlineHooksMixin, auth.AuthenticationMiddleware):
-    """Attach the lazy ``request.user``; the user is loaded only when read."""
+    """Attach the lazy ``request.user``, which loads the user only when read."""
 
 
 class MessageMiddleware(message.MessageMiddleware):
-    """Attach message storage inline; store messages in a thread only when needed."""
+    """Attach message storage inline, and store messages in a thread if any."""
 
     async def __acall__(self, request):
         self.process_request(request)
@@ -105,7 +105,7 @@ class MessageMiddleware(message.MessageMiddleware):
 
 
 class SessionMiddleware(sessions.SessionMiddleware):
-    """Create the lazy session inline; save it in a thread only when needed."""
+    """Create the lazy session inline, and save it in a thread if it changed."""
 
     async def __acall__(self, request):
         self.process_request(request)
