@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import uuid
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
@@ -227,8 +227,11 @@ class ChatConsumer(LayerTolerantConsumer):
         except asyncio.CancelledError:
             # A cancel frame is confirmed once the upstream stream is closed. A
             # closed connection has no client left to confirm it to.
-            if client_id in self.cancel_requested:
-                await self.send_frame(ws_protocol.cancelled_frame(client_id))
+            if client_id in self.cancel_requested and not self.closing:
+                # The socket may close while the upstream stream closes; a
+                # failed send must not replace the cancellation.
+                with suppress(Exception):
+                    await self.send_frame(ws_protocol.cancelled_frame(client_id))
             raise
         except Exception as error:  # noqa: BLE001 - error_payload logs unknown ones
             outcome.status, frame = ws_protocol.request_error(client_id, error)
@@ -290,9 +293,21 @@ class ChatConsumer(LayerTolerantConsumer):
         # Two prompts share a group only if their name hashes collide, and
         # checking the name makes even that harmless.
         prompt_name = event["prompt"]
-        if prompt_name in self.subscriptions:
-            client_id = self.subscriptions[prompt_name]
-            await self.send_frame(ws_protocol.prompt_activated_frame(client_id, event))
+        if prompt_name not in self.subscriptions:
+            return
+        client_id = self.subscriptions[prompt_name]
+        try:
+            key = await api_key_recheck_async(self.api_key)
+            api_key_check_prompt(key, prompt_name)
+        except ApiError as error:
+            # A key revoked, or no longer allowed this prompt, since it
+            # subscribed hears of no more changes.
+            self.subscriptions.pop(prompt_name, None)
+            await self.leave_prompt_group(prompt_name)
+            _status, frame = ws_protocol.request_error(client_id, error)
+            await self.send_frame(frame)
+            return
+        await self.send_frame(ws_protocol.prompt_activated_frame(client_id, event))
 
     async def disconnect(self, code):
         self.stop_auth_timer()

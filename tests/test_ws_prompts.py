@@ -10,10 +10,19 @@ import redis
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from llm.keys import api_key_revoke
+from llm.models import ApiKey
 from llm.prompt_events import prompt_group_name
 from prompts_registry.models import Prompt
 from prompts_registry.services import prompt_activate, prompts_sync
-from tests.ws_support import chat_round_trip, chat_socket, receive, receive_until_end
+from tests.ws_support import (
+    bearer,
+    chat_round_trip,
+    chat_socket,
+    create_api_key,
+    receive,
+    receive_until_end,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -284,3 +293,26 @@ def test_group_names_of_similar_prompts_differ():
     assert prompt_group_name("a b") != prompt_group_name("a_b")
     assert prompt_group_name("a" * 100) != prompt_group_name("a" * 99 + "b")
     assert prompt_group_name("greeting") == "prompt.greeting"
+
+
+@database_sync_to_async
+def revoke_key(raw_key: str) -> None:
+    api_key_revoke(ApiKey.objects.get(prefix=raw_key[:11]))
+
+
+async def test_revoked_subscriber_hears_no_activation(greeting):
+    raw_key = await create_api_key()
+    async with chat_socket([bearer(raw_key)]) as socket:
+        await socket.send_json_to(
+            {"type": "subscribe", "id": "sub", "prompt": "greeting"}
+        )
+        await receive(socket)
+        await revoke_key(raw_key)
+        await database_sync_to_async(activate)("greeting", 1)
+        event = await receive(socket)
+        await database_sync_to_async(activate)("greeting", 2)
+        assert await socket.receive_nothing(timeout=0.3)
+
+    assert event["type"] == "error"
+    assert event["id"] == "sub"
+    assert event["error"]["code"] == "key_revoked"
