@@ -174,13 +174,26 @@ class BreakerCall:
         self._breaker = breaker
         self._generation = 0
         self._is_probe = False
+        self._recorded = False
 
     async def __aenter__(self) -> "BreakerCall":
         self._generation, self._is_probe = self._breaker.before_call()
         return self
 
+    def provider_responded(self) -> None:
+        """Close a half-open breaker as soon as its probe gets the first data.
+
+        A streamed probe can last minutes while a client reads slowly, and
+        every other call would get ``circuit_open`` until it ended. Outside a
+        probe this does nothing, and the call's outcome is recorded at exit.
+        """
+        if self._is_probe and not self._recorded:
+            self._recorded = True
+            self._breaker.after_call(self._generation, self._is_probe, None)
+
     async def __aexit__(self, exc_type, exc, traceback) -> bool:
-        self._breaker.after_call(self._generation, self._is_probe, exc)
+        if not self._recorded:
+            self._breaker.after_call(self._generation, self._is_probe, exc)
         return False
 
 

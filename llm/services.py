@@ -143,7 +143,7 @@ async def chat_stream(
     # request before a view sends any byte. Its scope ends before StreamDone,
     # because a caller that closes this generator after the last item would
     # otherwise turn a finished call into a cancelled one.
-    async with breaker_for(provider_name(request.model)):
+    async with breaker_for(provider_name(request.model)) as breaker_call:
         yield StreamStart(model=request.model, cache_status=cache_status)
 
         upstream = provider.stream(request)
@@ -156,6 +156,7 @@ async def chat_stream(
                     end = item
                     continue
                 pieces.append(item)
+                breaker_call.provider_responded()
                 yield item
         except ApiError as error:
             UPSTREAM_ERRORS.labels(code=error.code).inc()

@@ -213,3 +213,38 @@ async def test_breaker_for_shares_one_breaker_per_provider():
     assert get_breaker(name).failure_threshold == 2
     assert get_breaker(name).cooldown_seconds == 60
     assert get_breaker("another-provider").state is BreakerState.CLOSED
+
+
+async def test_streamed_probe_closes_at_first_data(breaker, clock):
+    await open_breaker(breaker)
+    clock.advance(30)
+    first_data = asyncio.Event()
+    finish_probe = asyncio.Event()
+
+    async def streamed_probe():
+        async with BreakerCall(breaker) as call:
+            call.provider_responded()
+            first_data.set()
+            await finish_probe.wait()
+
+    task = asyncio.create_task(streamed_probe())
+    await first_data.wait()
+
+    assert breaker.state is BreakerState.CLOSED
+    assert await run(breaker) == "ok"
+    finish_probe.set()
+    await task
+
+
+async def test_response_outside_probe_defers_to_exit(breaker):
+    for _ in range(breaker.failure_threshold - 1):
+        await run(breaker, UpstreamTimeout())
+
+    try:
+        async with BreakerCall(breaker) as call:
+            call.provider_responded()
+            raise UpstreamTimeout()
+    except UpstreamTimeout:
+        pass
+
+    assert breaker.state is BreakerState.OPEN
