@@ -328,6 +328,9 @@ async def _event_stream_body(
     finally:
         # Closing the service's generator closes the provider stream when the
         # client disconnected; after a normal end it does nothing.
+        # NOTE: Django 5.2 closes only its own wrapper of this generator. When
+        # the client leaves while a chunk is being sent, or before the body
+        # starts, this block waits for asyncio's finalizer of async generators.
         await events.aclose()
         outcome.record(status)
 

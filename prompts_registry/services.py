@@ -63,6 +63,10 @@ def prompts_sync(*, root: Path, dry_run: bool = False) -> SyncReport:
     try:
         return _sync_folder(folder, root, dry_run=dry_run)
     except IntegrityError:
+        if transaction.get_connection().in_atomic_block:
+            # Inside a caller's transaction the failed write has broken it, so
+            # a retry here could not run; the caller decides.
+            raise
         # Another sync_prompts (a second replica starting, say) inserted the
         # same rows between this run's read and its write. Its rows are
         # committed now, so planning again compares against them.
