@@ -19,6 +19,13 @@ class LlmConfig(AppConfig):
             broadcast_prompt_activated, dispatch_uid="llm.broadcast_prompt_activated"
         )
 
+        if not settings.REDIS_URL:
+            logger.info(
+                "REDIS_URL is not set: the response cache has only its in-process "
+                "L1 tier, rate limits are counted per process, and websocket "
+                "subscribers hear only of activations made in this process."
+            )
+
         if settings.GATEWAY_AUTH == "off":
             logger.warning(
                 "GATEWAY_AUTH=off: requests without an API key are served without "

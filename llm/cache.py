@@ -155,7 +155,6 @@ def _l1_set(key: str, answer: CachedAnswer, *, expires_at: float | None) -> None
 async def _l2_get(key: str) -> tuple[CachedAnswer | None, float | None]:
     """Return the L2 answer for ``key`` and the time it expires there."""
     if L2_ALIAS not in settings.CACHES:
-        _redis_tier.note_disabled()
         return None, None
     if not _redis_tier.usable():
         CACHE_LOOKUPS.labels(tier="l2", result="skipped").inc()
@@ -262,7 +261,6 @@ class _RedisTier:
         self.reset()
 
     def reset(self) -> None:
-        self._disabled_logged = False
         self._retry_at = 0.0
         self._warned_at: float | None = None
         self._failures_since_warning = 0
@@ -295,12 +293,6 @@ class _RedisTier:
         if self._failing:
             logger.info("Redis cache is reachable again")
             self.reset()
-
-    def note_disabled(self) -> None:
-        if not self._disabled_logged:
-            logger.info("L2 cache is off because REDIS_URL is not set; using L1 only")
-            self._disabled_logged = True
-
 
 _redis_tier = _RedisTier()
 

@@ -1,5 +1,9 @@
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from gateway_project.logging import JsonFormatter, SkipUpstreamStatuses
 
@@ -36,3 +40,29 @@ def test_json_lines_keep_extra_fields():
     assert line["message"] == "cache_lookup"
     assert line["cache_hit"] is True
     assert line["request_id"] == "r-1"
+
+
+def test_start_up_says_when_redis_is_off(tmp_path):
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"REDIS_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env.update(
+        DJANGO_DEBUG="false",
+        DJANGO_SECRET_KEY="start-up-test-" + "x" * 50,
+        DATABASE_URL=f"sqlite:///{tmp_path}/db.sqlite3",
+        LOG_LEVEL="info",
+    )
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "REDIS_URL is not set: the response cache has only" in result.stderr
