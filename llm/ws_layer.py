@@ -54,6 +54,10 @@ class LayerTolerantConsumer(AsyncWebsocketConsumer):
             try:
                 if failures:
                     await self._rejoin_groups()
+                # NOTE: under load (300 sockets closing at once, or Redis
+                # restarting) daphne was seen killing a consumer cancelled
+                # while waiting here, after its shutdown timeout. The cause in
+                # channels-redis is not known; the socket is closed either way.
                 event = await self.channel_layer.receive(self.channel_name)
             except Exception as error:  # noqa: BLE001 - any layer failure is retried
                 failures += 1
