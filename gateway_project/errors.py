@@ -76,10 +76,26 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
+# Messages quote client input, which may be kilobytes long. The middle of a
+# long message is cut, because its start names the problem and its end the fix.
+MAX_MESSAGE_CHARS = 1000
+MAX_FIELD_CHARS = 200
+
+
+def _shortened(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
 def error_body(code: str, message: str, field: str | None = None) -> dict:
-    error = {"code": code, "message": printable(message)}
+    error = {
+        "code": code,
+        "message": _shortened(printable(message), MAX_MESSAGE_CHARS),
+    }
     if field:
-        error["field"] = printable(field)
+        error["field"] = _shortened(printable(field), MAX_FIELD_CHARS)
     return {"error": error, "request_id": request_id_var.get()}
 
 

@@ -713,3 +713,21 @@ def test_impossible_prompt_name_is_404(path):
 
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_long_echoed_value_is_shortened_in_the_middle():
+    model = "m" * 10_000
+
+    response = Client().post(
+        "/chat",
+        data={"prompt": "hi", "model": model},
+        content_type="application/json",
+        headers=with_api_key(),
+    )
+
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400
+    assert len(message) <= 1000
+    assert message.startswith("model 'mmm")
+    assert " ... " in message
+    assert message.endswith("smollm2-135m-instruct.")
