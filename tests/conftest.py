@@ -1,3 +1,5 @@
+import secrets
+
 import pytest
 from django.conf import settings
 
@@ -62,3 +64,72 @@ def _empty_caches():
         except Exception:  # noqa: BLE001 - a stopped Redis leaves nothing to clear
             pass
     yield
+
+
+# Personas for the access tests of REST and websockets. They need a database
+# that tests may write, so tests that use them mark django_db themselves.
+LIMITED_MODEL = "gemini-3.5-flash"
+LIMITED_PROMPT = "greeting"
+# 23:53:20 UTC: 20 s into a minute, 400 s before midnight.
+LIMITER_START = 11574 * 86400 + 86000.0
+
+
+@pytest.fixture
+def owner_key() -> str:
+    """A key that may use every model and prompt, without limits."""
+    from llm.keys import api_key_create
+
+    _, raw_key = api_key_create(name="owner")
+    return raw_key
+
+
+@pytest.fixture
+def limited_key() -> str:
+    """A key allowed only LIMITED_MODEL and the prompt LIMITED_PROMPT."""
+    from llm.keys import api_key_create
+
+    _, raw_key = api_key_create(
+        name="limited",
+        allowed_models=[LIMITED_MODEL],
+        allowed_prompts=[LIMITED_PROMPT],
+    )
+    return raw_key
+
+
+@pytest.fixture
+def revoked_key() -> str:
+    from llm.keys import api_key_create, api_key_revoke
+
+    key, raw_key = api_key_create(name="revoked")
+    api_key_revoke(key)
+    return raw_key
+
+
+@pytest.fixture
+def outsider() -> str:
+    """A key shaped like a real one (prefix, length, alphabet), never issued."""
+    return "gw_" + secrets.token_urlsafe(32)
+
+
+@pytest.fixture
+def clock():
+    """The rate limiter's clock, which tests move by hand."""
+    from llm.limits import rate_limiter_reset
+    from tests.fake_clock import FakeClock
+
+    clock = FakeClock(LIMITER_START)
+    rate_limiter_reset(clock=clock)
+    return clock
+
+
+@pytest.fixture
+def breaker_clock(settings):
+    """The breakers' clock, with a threshold of 2 and a cool-down of 5 s."""
+    from llm.breaker import breakers_reset
+    from tests.fake_clock import FakeClock
+
+    settings.BREAKER_FAILURE_THRESHOLD = 2
+    settings.BREAKER_COOLDOWN_SECONDS = 5
+    clock = FakeClock(1000.0)
+    breakers_reset(clock=clock)
+    return clock

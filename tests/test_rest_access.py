@@ -7,20 +7,17 @@ everything), ``limited_key`` (one model, one prompt), ``revoked_key`` and
 """
 
 import json
-import secrets
 from dataclasses import dataclass
 
 import pytest
 from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
-from llm.breaker import BreakerState, breakers_reset, get_breaker
+from llm.breaker import BreakerState, get_breaker
 from llm.keys import api_key_create, api_key_revoke
-from llm.limits import rate_limiter_reset
 from llm.models import ApiKey
 from prompts_registry.services import prompts_sync
 from tests.chat_support import expected_error, read_events, streamed_text
-from tests.fake_clock import FakeClock
 from tests.fake_gemini import Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,8 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 REQUEST_ID = "access-1"
 GEMINI = "gemini-3.5-flash"
 LOCAL = "smollm2-135m-instruct"
-# 23:53:20 UTC: 20 s into a minute, 400 s before midnight.
-START = 11574 * 86400 + 86000.0
 
 GREETING = """\
 name: greeting
@@ -174,47 +169,6 @@ def prompts(tmp_path):
         folder.mkdir()
         (folder / "v1.yaml").write_text(text)
     prompts_sync(root=tmp_path)
-
-
-@pytest.fixture
-def owner_key() -> str:
-    return create_key()
-
-
-@pytest.fixture
-def limited_key() -> str:
-    return create_key(allowed_models=[GEMINI], allowed_prompts=["greeting"])
-
-
-@pytest.fixture
-def revoked_key() -> str:
-    key, raw_key = api_key_create(name="revoked")
-    api_key_revoke(key)
-    return raw_key
-
-
-@pytest.fixture
-def outsider() -> str:
-    # Shaped like a real key (prefix, length, alphabet), but never issued.
-    return "gw_" + secrets.token_urlsafe(32)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    """The rate limiter's clock, which tests move by hand."""
-    clock = FakeClock(START)
-    rate_limiter_reset(clock=clock)
-    return clock
-
-
-@pytest.fixture
-def breaker_clock(settings) -> FakeClock:
-    """The breakers' clock, with a threshold of 2 and a cool-down of 5 s."""
-    settings.BREAKER_FAILURE_THRESHOLD = 2
-    settings.BREAKER_COOLDOWN_SECONDS = 5
-    clock = FakeClock(1000.0)
-    breakers_reset(clock=clock)
-    return clock
 
 
 # Authentication

@@ -11,17 +11,14 @@ import json
 import pytest
 from django.test import AsyncClient
 
-from llm.breaker import BreakerState, breakers_reset, get_breaker
-from llm.limits import rate_limiter_reset
+from llm.breaker import BreakerState, get_breaker
 from prompts_registry.services import prompts_sync
-from tests.fake_clock import FakeClock
 from tests.fake_gemini import Reply
 from tests.ws_support import (
     bearer,
     chat_round_trip,
     chat_socket,
     create_api_key,
-    new_api_key,
     receive,
     receive_until_end,
     tokens,
@@ -32,8 +29,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 GEMINI = "gemini-3.5-flash"
 LOCAL = "smollm2-135m-instruct"
-# 23:53:20 UTC: 20 s into a minute, 400 s before midnight.
-START = 11574 * 86400 + 86000.0
 
 PROMPTS = {
     "greeting": """\
@@ -98,34 +93,6 @@ def prompts(tmp_path):
         folder.mkdir()
         (folder / "v1.yaml").write_text(text)
     prompts_sync(root=tmp_path)
-
-
-@pytest.fixture
-def owner_key() -> str:
-    return new_api_key()
-
-
-@pytest.fixture
-def limited_key() -> str:
-    return new_api_key(allowed_models=[GEMINI], allowed_prompts=["greeting"])
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    """The rate limiter's clock, which tests move by hand."""
-    clock = FakeClock(START)
-    rate_limiter_reset(clock=clock)
-    return clock
-
-
-@pytest.fixture
-def breaker_clock(settings) -> FakeClock:
-    """The breakers' clock, with a threshold of 2 and a cool-down of 5 s."""
-    settings.BREAKER_FAILURE_THRESHOLD = 2
-    settings.BREAKER_COOLDOWN_SECONDS = 5
-    clock = FakeClock(1000.0)
-    breakers_reset(clock=clock)
-    return clock
 
 
 async def rest_chat(raw_key: str, prompt: str):

@@ -6,14 +6,12 @@ from browsers, in an auth frame sent first. The personas are ``owner_key``
 gateway never issued).
 """
 
-import secrets
-
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from gateway_project.asgi import application
-from llm.keys import api_key_create, api_key_revoke
+from llm.keys import api_key_revoke
 from llm.models import ApiKey
 from tests.fake_gemini import Reply
 from tests.ws_support import (
@@ -61,24 +59,6 @@ def error_frame(code: str, message: str, field: str | None = None, client_id=Non
 def auth_timeout(settings):
     """A timeout far longer than any test needs to send its auth frame."""
     settings.WS_AUTH_TIMEOUT_SECONDS = 60.0
-
-
-@pytest.fixture
-def owner_key() -> str:
-    return new_api_key()
-
-
-@pytest.fixture
-def revoked_key() -> str:
-    key, raw_key = api_key_create(name="revoked")
-    api_key_revoke(key)
-    return raw_key
-
-
-@pytest.fixture
-def outsider() -> str:
-    # Shaped like a real key (prefix, length, alphabet), but never issued.
-    return "gw_" + secrets.token_urlsafe(32)
 
 
 # Keys in the handshake
