@@ -83,8 +83,8 @@ def timed(count: int, call) -> list[float]:
     return samples
 
 
-def expect(status: int, cache: str | None, wanted_status: int, wanted_cache=None):
-    if status != wanted_status or (wanted_cache and cache != wanted_cache):
+def expect(status: int, cache: str | None, expected_status: int, expected_cache=None):
+    if status != expected_status or (expected_cache and cache != expected_cache):
         raise RuntimeError(f"unexpected reply: {status} X-Cache={cache}")
 
 

@@ -1,8 +1,8 @@
 """Django settings for the LLM gateway.
 
 Every deployment-specific value comes from an environment variable read through
-``gateway_project.env``; the defaults run the gateway on one machine with SQLite,
-the local model and no Redis.
+``gateway_project.env``. The defaults run the gateway on one machine with
+SQLite, the local model and no Redis.
 """
 
 import secrets
@@ -194,7 +194,7 @@ REDIS_URL = _redis_url()
 REDIS_TIMEOUT_SECONDS = env_float("REDIS_TIMEOUT_SECONDS", 0.25, minimum=0.01)
 
 CACHE_TTL_SECONDS = env_int("CACHE_TTL_SECONDS", 86400, minimum=1)
-# L1 must never outlive L2, or a process could serve an answer Redis has expired.
+# L1 must never outlive L2, or a process could serve a response that Redis has expired.
 CACHE_L1_TTL_SECONDS = min(
     env_int("CACHE_L1_TTL_SECONDS", 300, minimum=1), CACHE_TTL_SECONDS
 )
@@ -238,7 +238,7 @@ if REDIS_URL:
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # redis-py 8 reads with a 5 s socket timeout by default, which cuts
             # channels_redis's 5 s blocking BZPOPMIN and fails every idle
-            # consumer's receive; the read timeout must outlast the pop.
+            # consumer's receive. The read timeout must outlast the pop.
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
         }
     }
@@ -337,7 +337,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 GEMINI_API_KEY = env_str("GEMINI_API_KEY")
 GEMINI_BASE_URL = env_str("GEMINI_BASE_URL")
 GEMINI_TIMEOUT_SECONDS = env_float("GEMINI_TIMEOUT_SECONDS", 60.0, minimum=0.1)
-# Connections open to Gemini at once, per process. Each stream holds one for
+# Connections open to Gemini at once, per process. Each stream uses one for
 # its whole length. Calls beyond the limit wait for a free connection.
 GEMINI_MAX_CONNECTIONS = env_int("GEMINI_MAX_CONNECTIONS", 1000, minimum=1)
 # Retries of 429, 5xx and network errors stop once this much time has passed.
@@ -385,8 +385,8 @@ if DEFAULT_MODEL not in LLM_MODELS:
 CHAT_MAX_PROMPT_CHARS = env_int("CHAT_MAX_PROMPT_CHARS", 32000, minimum=1)
 CHAT_MAX_SYSTEM_CHARS = env_int("CHAT_MAX_SYSTEM_CHARS", 8000, minimum=1)
 
-# Chat websocket: answers one connection may stream at once, and the largest
-# client frame in bytes (a larger one closes the connection with code 4009).
+# Chat websocket: the requests one connection may stream at once, and the
+# largest client frame in bytes (a larger one closes the connection with 4009).
 WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 4, minimum=1)
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
 # Seconds a client whose handshake carried no key has to send its auth frame

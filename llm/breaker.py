@@ -112,8 +112,8 @@ class CircuitBreaker:
 
         ``error`` is None on success. An error that does not count as a failure
         (see ``counts_as_failure``) proves that the provider responded, so it
-        counts as a success. A cancelled call or a bug in our own code says
-        nothing about the provider and changes nothing.
+        counts as a success. A cancelled call or a bug in our own code shows
+        nothing about the provider, so it leaves the state unchanged.
         """
         failed = error is not None and counts_as_failure(error)
         neutral = error is not None and not failed and not isinstance(error, LLMError)

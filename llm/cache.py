@@ -92,7 +92,7 @@ def _int_or_none(value: int | None) -> int | None:
 
 
 async def cache_get(key: str) -> tuple[CachedAnswer | None, str | None]:
-    """Look ``key`` up in L1, then L2; return the answer and the tier that had it.
+    """Look ``key`` up in L1, then L2; return the cached response and its tier.
 
     An L2 hit is copied into L1. Returns ``(None, None)`` on a miss, which
     includes an unreachable Redis and an unreadable value.
@@ -115,7 +115,7 @@ async def cache_get(key: str) -> tuple[CachedAnswer | None, str | None]:
 
 
 async def cache_set(key: str, answer: CachedAnswer) -> None:
-    """Store a complete answer in both tiers."""
+    """Store a complete response in both tiers."""
     expires_at = time.time() + settings.CACHE_TTL_SECONDS
     _l1_set(key, answer, expires_at=expires_at)
     if not _redis_tier.usable():
@@ -153,7 +153,7 @@ def _l1_set(key: str, answer: CachedAnswer, *, expires_at: float | None) -> None
 
 
 async def _l2_get(key: str) -> tuple[CachedAnswer | None, float | None]:
-    """Return the L2 answer for ``key`` and the time it expires there."""
+    """Return the L2 entry for ``key`` and the time it expires there."""
     if L2_ALIAS not in settings.CACHES:
         return None, None
     if not _redis_tier.usable():
@@ -293,6 +293,7 @@ class _RedisTier:
         if self._failing:
             logger.info("Redis cache is reachable again")
             self.reset()
+
 
 _redis_tier = _RedisTier()
 

@@ -2,7 +2,7 @@
 
 Frames are JSON text; ``llm.ws_protocol`` defines what they contain. Each chat
 or prompt request runs in its own asyncio task, so one connection can have up
-to ``WS_MAX_IN_FLIGHT`` answers streaming at once, told apart by their ``id``.
+to ``WS_MAX_IN_FLIGHT`` responses streaming at once, identified by their ``id``.
 
 A client authenticates in its handshake (Authorization header or bearer
 subprotocol) or, since browsers cannot set headers, with an auth frame as its

@@ -2,7 +2,7 @@
 
 Provider adapters translate every vendor failure into one of these, so views,
 consumers and the cache never see a vendor's own exception types. ``retryable``
-says whether trying the same request again can help.
+tells whether trying the same request again can help.
 """
 
 from rest_framework import status

@@ -20,7 +20,7 @@ class PromptVersionInvalid(ApiError):
     """Raised when a synced prompt version breaks the template sandbox's rules.
 
     The fault lies with the prompt file, not with the request, so the status
-    is 500 and the message asks an operator to fix the prompt.
+    is 500 and the message tells an operator to fix the prompt.
     """
 
     status_code = status.HTTP_500_INTERNAL_SERVER_ERROR

@@ -245,7 +245,7 @@ async def test_socket_survives_redis_restart(fake_gemini, greeting, redis_server
         await socket.send_json_to(
             {"type": "subscribe", "id": "s2", "prompt": "greeting"}
         )
-        refused = await receive(socket)
+        rejection = await receive(socket)
         redis_server.start()
         # The restarted Redis is empty, so the subscription exists again only
         # once the consumer has rejoined its group.
@@ -254,7 +254,7 @@ async def test_socket_survives_redis_restart(fake_gemini, greeting, redis_server
         event = await receive(socket)
 
     assert during_outage["type"] == "done"
-    assert refused["error"] == {
+    assert rejection["error"] == {
         "code": "subscriptions_unavailable",
         "message": "Subscriptions are unavailable right now; retry later.",
     }

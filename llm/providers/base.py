@@ -8,7 +8,7 @@ FINISH_REASONS = ("stop", "length", "safety", "other")
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything that shapes a model's answer; the cache key is built from it."""
+    """Everything that shapes a model's response. The cache key is built from it."""
 
     model: str
     prompt: str

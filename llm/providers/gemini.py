@@ -126,9 +126,9 @@ _MAX_VENDOR_MESSAGE_CHARS = 300
 _API_KEY_PATTERN = re.compile(r"AIza[0-9A-Za-z_-]{35}|(?<=key=)[^&\s\"']+")
 # Idle connections kept open to Gemini: httpx's default. The pool (httpcore2
 # 2.16) checks the socket of every idle connection each time a request starts
-# or ends, so keeping as many idle as may be open made each of the last
-# streams of a 500-stream burst check hundreds of sockets. In bench/ws_streams
-# that cost the gateway 0.75 s more CPU than this limit.
+# or ends. With as many idle connections as open ones, each of the last
+# streams of a 500-stream burst checked hundreds of sockets, which cost
+# 0.75 s more CPU in bench/ws_streams than this limit.
 _MAX_IDLE_CONNECTIONS = 20
 
 
